@@ -1,0 +1,320 @@
+r"""Multi-Reference Preference Optimization (MRPO): the losses, as pure functions of log-prob tensors.
+
+Paper: Le et al., "Multi-Reference Preference Optimization for Large Language Models", AAAI 2025,
+https://arxiv.org/abs/2405.16388 . Equation numbers below are the paper's. This file imports only torch and the
+standard library, so it can be copied into any trainer.
+
+The method in ten lines
+-----------------------
+1. DPO (Eq. 5) trains a policy pi_theta on pairs (x, y_w, y_l) and keeps it close to ONE reference model.
+2. MRPO keeps it close to K references at once, weighted by alpha_k (sum_k alpha_k = 1), Eq. 6.
+3. The exact optimum of Eq. 6 has no usable closed form for DPO's trick, so the paper maximises a lower bound whose
+   optimum is a DPO solution against a *virtual reference* (Prop. 1): the weighted harmonic mean of probabilities,
+   pi_tilde(y|x) = (sum_k alpha_k / pi_k(y|x))^-1.
+4. The MRPO loss (Eq. 7) is the DPO loss with pi_tilde in place of the single reference.
+5. References of different families can disagree by hundreds of nats; the harmonic mean is then dominated by the
+   reference that finds the response least likely. CTRO (Eq. 8) clips each reference k > 1 into a trust region
+   around reference 1 (the model the policy starts from): log pi_k in [(1+eps) log pi_1, (1-eps) log pi_1].
+6. The trust-region size eps is set per response (Eq. 9): eps_max times that response's share of the total
+   reference log-prob mass of the pair.
+7. ARWC (Eq. 10) sets alpha_k per example from reference k's confidence |log pi_k(y_w) - log pi_k(y_l)|.
+8. Baselines: Multi-DPO (Eq. 11) averages K separate DPO losses; Mean-Ref uses the arithmetic mixture
+   sum_k alpha_k pi_k as the reference.
+9. Reference log-probs are constants (precomputed once), so every function here is cheap: O(K B).
+10. Every loss returns per-example losses and detached rewards; reduction is the caller's.
+
+Shapes
+------
+B: pairs in a batch. K: references; row 0 is reference 1, the model the policy was initialised from.
+Every log-prob is a summed sequence log-prob log pi(y|x) (<= 0), float32:
+  policy_chosen_logps, policy_rejected_logps:  (B,)
+  ref_chosen_logps, ref_rejected_logps:        (K, B)   (dpo_loss takes (B,))
+  alpha:                                       (K, B)   after resolve_alpha; accepted as (K,), (K, B) or a name
+  eps:                                         (B,) or a float
+
+Where this code departs from the paper or from the authors' code (github.com/thaihungle/MRPO), and why
+-------------------------------------------------------------------------------------------------------------
+- ARWC weight attachment. Eq. 10 computes alpha_k from reference k's own margin, and Eq. 6 / Prop. 1 attach
+  alpha_k to reference k's own term. The authors' K=2 code computes the weight from the *other* reference's
+  margin and multiplies the initial reference's 1/pi term with it (the weight "swaps" references). We follow the
+  equations: alpha_k weights its own reference, which is the only reading that extends to K > 2, and it makes the
+  virtual reference lean towards the more confident reference. To reproduce the authors' K=2 runs, pass
+  ``alpha=arwc_weights(rc, rr).flip(0)``.
+- Raw log-probs feed Eq. 9 and Eq. 10 (as in the authors' code): eps and alpha are computed before clipping.
+- A given alpha is normalised to sum to 1 over k. Prop. 1 assumes sum_k alpha_k = 1; an unnormalised alpha
+  would shift every virtual log-prob by -log sum(alpha), which cancels in the loss but not in the rewards.
+- Eq. 9 when a pair's reference log-probs are all exactly 0 (0/0): each response gets eps_max / 2.
+- Proposition 2, as printed, does not hold for every input. It holds exactly for the geometric-mean reference
+  (log pi_geo = sum_k alpha_k log pi_k), and for the harmonic virtual reference under the extra condition
+  J(rejected) >= J(chosen) (resp. <=) proven in ``prop2_bound`` below; CTRO bounds how far it can fail.
+- Non-finite reference log-probs are rejected with ValueError (a reference that assigns -inf to a response gives
+  a virtual reference of -inf and a loss of nan or 0); they are a data problem, not a training state.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+# ----------------------------------------------------------------------------------------------------------------
+# Building blocks: the virtual reference (Prop. 1), CTRO (Eq. 8, 9) and ARWC (Eq. 10)
+
+
+def virtual_reference_logps(ref_logps, alpha):
+    r"""Log-prob of the virtual reference, Prop. 1: a weighted harmonic mean of the references' probabilities.
+
+    .. math::
+        \tilde\pi_{ref}(y|x) = \Big(\sum_{k=1}^{K} \frac{\alpha_k}{\pi_{ref}^k(y|x)}\Big)^{-1},
+        \qquad
+        \log\tilde\pi_{ref}(y|x) = -\operatorname{logsumexp}_k\big(\log\alpha_k - \log\pi_{ref}^k(y|x)\big)
+
+    ref_logps: (K, B) log pi_k(y|x). alpha: (K, B) or (K,), non-negative, summing to 1 over k; alpha_k = 0 drops
+    reference k (log 0 = -inf inside the logsumexp). Returns (B,). Stable for log-probs down to -1e4 and below:
+    the harmonic mean of probabilities like e^-5000 is never formed outside log space.
+    Bounds: min_k log pi_k <= log pi_tilde <= min_k (log pi_k - log alpha_k), so the reference that finds y least
+    likely dominates.
+    """
+    alpha = alpha if alpha.dim() == 2 else alpha[:, None].expand_as(ref_logps)  # (K,) -> (K, B)
+    return -torch.logsumexp(torch.log(alpha) - ref_logps, dim=0)  # Prop. 1
+
+
+def adaptive_eps(ref_chosen_logps, ref_rejected_logps, eps_max):
+    r"""Per-response trust-region size, Eq. 9, from the RAW (unclipped) reference log-probs.
+
+    .. math::
+        \epsilon(y|x) = \epsilon_{max}\,
+            \frac{\big|\sum_k \log\pi_{ref}^k(y|x)\big|}{\sum_{y' \in \{y_w, y_l\}} \big|\sum_k \log\pi_{ref}^k(y'|x)\big|}
+
+    ref_chosen_logps, ref_rejected_logps: (K, B). Returns (eps_chosen (B,), eps_rejected (B,)), which sum to eps_max.
+    The response with more total log-prob mass (usually the longer one) gets the wider region. A pair whose
+    reference log-probs are all 0 (0/0) gets eps_max / 2 for each response.
+    """
+    mass_w = ref_chosen_logps.sum(0).abs()  # |sum_k log pi_k(y_w|x)|, (B,)
+    mass_l = ref_rejected_logps.sum(0).abs()
+    total = mass_w + mass_l
+    share_w = torch.where(total > 0, mass_w / torch.where(total > 0, total, 1.0), 0.5)  # Eq. 9; 0/0 -> 1/2
+    return eps_max * share_w, eps_max * (1 - share_w)
+
+
+def ctro_clip(ref_logps, eps):
+    r"""Clipped Trust-Region Optimisation, Eq. 8: clip references k > 1 into a region around reference 1.
+
+    .. math::
+        \log\hat\pi_{ref}^k(y|x) = \operatorname{clip}\big(\log\pi_{ref}^k(y|x),\;
+            (1+\epsilon)\log\pi_{ref}^1(y|x),\; (1-\epsilon)\log\pi_{ref}^1(y|x)\big), \quad k > 1
+
+    Log-probs are <= 0, so (1+eps) log pi_1 is the LOWER end and (1-eps) log pi_1 the upper end.
+    ref_logps: (K, B). eps: float or (B,), eps >= 0. Returns (K, B); row 0 (reference 1) is returned unchanged.
+    eps = 0 collapses every reference onto reference 1.
+    """
+    ref1 = ref_logps[0]  # (B,)
+    eps = torch.as_tensor(eps, dtype=ref_logps.dtype, device=ref_logps.device)
+    lower, upper = (1 + eps) * ref1, (1 - eps) * ref1  # Eq. 8, (B,) each
+    others = torch.clamp(ref_logps[1:], min=lower, max=upper)  # (K-1, B), broadcast over k
+    return torch.cat([ref_logps[:1], others], dim=0)
+
+
+@torch.no_grad()
+def arwc_weights(ref_chosen_logps, ref_rejected_logps):
+    r"""Adaptive Reference Weighting Coefficients, Eq. 10: each reference's confidence on this pair, normalised.
+
+    .. math::
+        \alpha_k = \frac{\big|\log\pi_{ref}^k(y_w|x) - \log\pi_{ref}^k(y_l|x)\big|}
+                        {\sum_{j=1}^{K} \big|\log\pi_{ref}^j(y_w|x) - \log\pi_{ref}^j(y_l|x)\big|}
+
+    ref_chosen_logps, ref_rejected_logps: (K, B) RAW log-probs. Returns alpha (K, B): non-negative, sums to 1 over
+    k, carries no gradient. A pair on which every reference has margin 0 gets uniform weights 1/K.
+    alpha_k weights reference k's OWN term in Prop. 1 (see the module docstring for the authors' K=2 variant).
+    """
+    confidence = (ref_chosen_logps - ref_rejected_logps).abs()  # (K, B), Eq. 10 numerator
+    total = confidence.sum(0, keepdim=True)  # (1, B)
+    uniform = torch.full_like(confidence, 1.0 / confidence.shape[0])
+    return torch.where(total > 0, confidence / torch.where(total > 0, total, 1.0), uniform)
+
+
+def resolve_alpha(alpha, ref_chosen_logps, ref_rejected_logps):
+    """Turn the alpha option into weights (K, B) that sum to 1 over k.
+
+    alpha: "arwc" (Eq. 10, per example), "uniform" (1/K), or weights (K,) or (K, B) as a tensor or a sequence of
+    numbers; given weights must be non-negative and are normalised over k (Prop. 1 assumes they sum to 1).
+    """
+    K, B = ref_chosen_logps.shape
+    if isinstance(alpha, str):
+        if alpha == "arwc":
+            return arwc_weights(ref_chosen_logps, ref_rejected_logps)
+        if alpha == "uniform":
+            return torch.full((K, B), 1.0 / K, dtype=ref_chosen_logps.dtype, device=ref_chosen_logps.device)
+        raise ValueError(f"alpha must be 'arwc', 'uniform' or K={K} weights, got {alpha!r}")
+    alpha = torch.as_tensor(alpha, dtype=ref_chosen_logps.dtype, device=ref_chosen_logps.device)
+    if alpha.shape[0] != K or alpha.dim() > 2 or (alpha.dim() == 2 and alpha.shape[1] != B):
+        raise ValueError(f"alpha has shape {tuple(alpha.shape)} but there are K={K} references and B={B} pairs; "
+                         f"give K weights (one per reference) or a (K, B) tensor")
+    alpha = alpha if alpha.dim() == 2 else alpha[:, None].expand(K, B)  # (K,) -> (K, B)
+    if bool((alpha < 0).any()) or bool((alpha.sum(0) <= 0).any()):
+        raise ValueError(f"alpha must be non-negative with a positive sum over the K={K} references, "
+                         f"got {alpha[:, 0].tolist()}")
+    return alpha / alpha.sum(0, keepdim=True)
+
+
+def _check_refs(ref_chosen_logps, ref_rejected_logps):
+    """(K, B) reference log-probs, finite; returns K."""
+    if ref_chosen_logps.dim() != 2 or ref_chosen_logps.shape != ref_rejected_logps.shape:
+        raise ValueError(f"reference log-probs must both be (K, B); got {tuple(ref_chosen_logps.shape)} and "
+                         f"{tuple(ref_rejected_logps.shape)}")
+    if not (bool(torch.isfinite(ref_chosen_logps).all()) and bool(torch.isfinite(ref_rejected_logps).all())):
+        raise ValueError("reference log-probs must be finite: a reference that gives a response probability 0 "
+                         "(-inf) makes the virtual reference -inf; check the precomputed reference cache")
+    return ref_chosen_logps.shape[0]
+
+
+def _trust_region(ref_chosen_logps, ref_rejected_logps, eps_max, eps, clip):
+    """CTRO on both responses: adaptive eps from eps_max (Eq. 9), or a fixed eps; clip=False skips it."""
+    if not clip:
+        return ref_chosen_logps, ref_rejected_logps
+    if eps is None:
+        eps_w, eps_l = adaptive_eps(ref_chosen_logps, ref_rejected_logps, eps_max)  # Eq. 9, raw log-probs
+    else:
+        eps_w = eps_l = eps
+    return ctro_clip(ref_chosen_logps, eps_w), ctro_clip(ref_rejected_logps, eps_l)  # Eq. 8
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Losses: each returns (losses (B,), chosen_rewards (B,), rejected_rewards (B,)), rewards detached.
+
+
+def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta):
+    r"""DPO, Eq. 5, against one reference.
+
+    .. math::
+        \mathcal{L}_{DPO} = -\log\sigma\Big(\beta\log\frac{\pi_\theta(y_w|x)}{\pi_{ref}(y_w|x)}
+                                          - \beta\log\frac{\pi_\theta(y_l|x)}{\pi_{ref}(y_l|x)}\Big)
+
+    All arguments (B,). Returns (losses, chosen_rewards, rejected_rewards), each (B,); the implicit rewards
+    beta (log pi_theta - log pi_ref) are detached. Policy equal to reference: loss = ln 2, rewards 0.
+    """
+    chosen_logratios = policy_chosen_logps - ref_chosen_logps  # log pi_theta(y_w)/pi_ref(y_w)
+    rejected_logratios = policy_rejected_logps - ref_rejected_logps
+    losses = -F.logsigmoid(beta * (chosen_logratios - rejected_logratios))  # Eq. 5
+    return losses, (beta * chosen_logratios).detach(), (beta * rejected_logratios).detach()
+
+
+def mrpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta,
+              alpha="arwc", eps_max=0.1, eps=None, clip=True):
+    r"""MRPO, Eq. 7: DPO against the virtual reference of Prop. 1, with CTRO (Eq. 8, 9) and ARWC (Eq. 10).
+
+    .. math::
+        \mathcal{L}_{MRPO} = -\log\sigma\Big(\beta\log\frac{\pi_\theta(y_w|x)}{\tilde\pi_{ref}(y_w|x)}
+                                           - \beta\log\frac{\pi_\theta(y_l|x)}{\tilde\pi_{ref}(y_l|x)}\Big),
+        \quad \tilde\pi_{ref} = \Big(\sum_k \frac{\alpha_k}{\hat\pi_{ref}^k}\Big)^{-1}
+
+    where \hat\pi^k are the CTRO-clipped references. policy_*: (B,); ref_*: (K, B), row 0 = reference 1.
+    alpha: "arwc" | "uniform" | weights (K,) or (K, B). eps_max: Eq. 9's bound (adaptive eps); eps: a fixed eps
+    instead (float or (B,)); clip=False turns CTRO off. K = 1 or eps = 0 gives exactly DPO against reference 1.
+    Rewards are measured against the virtual reference.
+    """
+    _check_refs(ref_chosen_logps, ref_rejected_logps)
+    alpha = resolve_alpha(alpha, ref_chosen_logps, ref_rejected_logps)  # Eq. 10 on raw log-probs, (K, B)
+    ref_w, ref_l = _trust_region(ref_chosen_logps, ref_rejected_logps, eps_max, eps, clip)  # Eq. 8, 9
+    virtual_w = virtual_reference_logps(ref_w, alpha)  # Prop. 1, (B,)
+    virtual_l = virtual_reference_logps(ref_l, alpha)
+    return dpo_loss(policy_chosen_logps, policy_rejected_logps, virtual_w, virtual_l, beta)  # Eq. 7
+
+
+def multi_dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta,
+                   alpha="arwc", eps_max=0.1, eps=None, clip=True):
+    r"""Multi-DPO baseline, Eq. 11: the alpha-weighted sum of K DPO losses, one per (clipped) reference.
+
+    .. math::
+        \mathcal{L}_{Multi\text{-}DPO} = \sum_{k=1}^{K} \alpha_k\, \mathcal{L}_{DPO}(\pi_\theta; \hat\pi_{ref}^k)
+
+    Same arguments and CTRO / alpha options as mrpo_loss (the paper's baseline uses them too). Rewards are the
+    alpha-weighted mean of the per-reference rewards, i.e. measured against the geometric mixture
+    sum_k alpha_k log pi_k.
+    """
+    K = _check_refs(ref_chosen_logps, ref_rejected_logps)
+    alpha = resolve_alpha(alpha, ref_chosen_logps, ref_rejected_logps)  # (K, B)
+    ref_w, ref_l = _trust_region(ref_chosen_logps, ref_rejected_logps, eps_max, eps, clip)
+    losses_k, _, _ = dpo_loss(policy_chosen_logps.expand(K, -1), policy_rejected_logps.expand(K, -1),
+                              ref_w, ref_l, beta)  # (K, B): one DPO loss per reference
+    losses = (alpha * losses_k).sum(0)  # Eq. 11
+    geo_w, geo_l = (alpha * ref_w).sum(0), (alpha * ref_l).sum(0)  # sum_k alpha_k log pi_k, (B,)
+    return losses, (beta * (policy_chosen_logps - geo_w)).detach(), (beta * (policy_rejected_logps - geo_l)).detach()
+
+
+def mean_ref_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta,
+                  alpha="arwc", eps_max=0.1, eps=None, clip=True):
+    r"""Mean-Ref baseline: DPO against the arithmetic mixture of the (clipped) references.
+
+    .. math::
+        \log\bar\pi_{ref}(y|x) = \log\sum_k \alpha_k\,\hat\pi_{ref}^k(y|x)
+                               = \operatorname{logsumexp}_k\big(\log\alpha_k + \log\hat\pi_{ref}^k(y|x)\big)
+
+    Same arguments as mrpo_loss. The arithmetic mean is dominated by the reference that finds y MOST likely,
+    the opposite of the harmonic virtual reference.
+    """
+    _check_refs(ref_chosen_logps, ref_rejected_logps)
+    alpha = resolve_alpha(alpha, ref_chosen_logps, ref_rejected_logps)
+    ref_w, ref_l = _trust_region(ref_chosen_logps, ref_rejected_logps, eps_max, eps, clip)
+    mean_w = torch.logsumexp(torch.log(alpha) + ref_w, dim=0)  # (B,)
+    mean_l = torch.logsumexp(torch.log(alpha) + ref_l, dim=0)
+    return dpo_loss(policy_chosen_logps, policy_rejected_logps, mean_w, mean_l, beta)
+
+
+LOSSES = {"dpo": dpo_loss, "mrpo": mrpo_loss, "multi_dpo": multi_dpo_loss, "mean_ref": mean_ref_loss}
+
+
+def compute_loss(name, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta,
+                 alpha="arwc", eps_max=0.1, eps=None, clip=True):
+    """Dispatch by name over LOSSES with (K, B) references; "dpo" uses reference 1 (row 0) only."""
+    if name not in LOSSES:
+        raise ValueError(f"unknown loss {name!r}; choose one of {sorted(LOSSES)}")
+    if name == "dpo":
+        return dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps[0], ref_rejected_logps[0], beta)
+    return LOSSES[name](policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta,
+                        alpha=alpha, eps_max=eps_max, eps=eps, clip=clip)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Proposition 2: when is the MRPO gradient larger (or smaller) than Multi-DPO's?
+
+
+def jensen_gap(neg_logps, alpha):
+    r"""J_alpha(a) = logsumexp_k(log alpha_k + a_k) - sum_k alpha_k a_k >= 0, for a_k = -log pi_k(y|x) (nats).
+
+    Zero iff all a_k with alpha_k > 0 are equal; at most max_k a_k - min_k a_k. neg_logps, alpha: (K, B) -> (B,).
+    """
+    return torch.logsumexp(torch.log(alpha) + neg_logps, dim=0) - (alpha * neg_logps).sum(0)
+
+
+def prop2_bound(ref_chosen_logps, ref_rejected_logps, alpha):
+    r"""The gap between the harmonic virtual reference's margin and the alpha-weighted mean margin.
+
+    Notation (the paper's sign): the policy margin h = log pi_theta(y_w) - log pi_theta(y_l), reference k's margin
+    m_k = log pi_k(y_w) - log pi_k(y_l), and d_k = beta (m_k - h). The DPO loss against reference k has
+    dL_k/dh = -beta sigmoid(d_k), so |grad| of Multi-DPO (Eq. 11) is beta sum_k alpha_k sigmoid(d_k) |grad h| and
+    that of MRPO is beta sigmoid(d_tilde) |grad h| with d_tilde = beta (m_tilde - h), m_tilde the virtual margin.
+
+    Prop. 2 (as printed) compares the two when all d_k share a sign. What is true:
+
+    (a) Geometric-mean reference, m_geo = sum_k alpha_k m_k: d_geo = sum_k alpha_k d_k exactly, and because
+        sigmoid is concave on [0, inf) and convex on (-inf, 0], Jensen's inequality gives
+            all d_k >= 0  =>  sigmoid(d_geo) >= sum_k alpha_k sigmoid(d_k),
+            all d_k <= 0  =>  sigmoid(d_geo) <= sum_k alpha_k sigmoid(d_k).
+    (b) Harmonic virtual reference (Prop. 1). With a_k = -log pi_k(y_w), b_k = -log pi_k(y_l),
+            log pi_tilde(y) = -logsumexp_k(log alpha_k + a_k) = -sum_k alpha_k a_k - J_alpha(a),
+        so m_tilde = m_geo + J_alpha(b) - J_alpha(a), i.e. d_tilde = sum_k alpha_k d_k + beta (J(b) - J(a)).
+        sigmoid is increasing, so (a) carries over exactly when the gap has the right sign:
+            all d_k >= 0 and J(b) >= J(a)  =>  sigmoid(d_tilde) >= sum_k alpha_k sigmoid(d_k),
+            all d_k <= 0 and J(b) <= J(a)  =>  sigmoid(d_tilde) <= sum_k alpha_k sigmoid(d_k).
+        Without it the inequality can fail: the references disagreeing more on y_w than on y_l (J(a) > J(b))
+        pulls m_tilde below m_geo.
+    (c) With CTRO every a_k lies in [(1-eps_w) a_1, (1+eps_w) a_1] (likewise b), and J(x) <= max x - min x, so
+        |J(b) - J(a)| <= 2 max(eps_w a_1, eps_l b_1) =: delta. Since sigmoid is 1/4-Lipschitz, the printed
+        inequalities then hold up to beta delta / 4:
+            all d_k >= 0  =>  sigmoid(d_tilde) >= sum_k alpha_k sigmoid(d_k) - beta delta / 4   (and mirrored),
+        and exactly at eps = 0.
+
+    ref_chosen_logps, ref_rejected_logps, alpha: (K, B) (use the clipped log-probs if CTRO is on).
+    Returns J(b) - J(a), (B,): the exact shift d_tilde - sum_k alpha_k d_k, divided by beta.
+    """
+    return jensen_gap(-ref_rejected_logps, alpha) - jensen_gap(-ref_chosen_logps, alpha)

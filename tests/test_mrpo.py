@@ -1,0 +1,336 @@
+"""Property tests of mrpo.py: identities (K=1, eps=0, identical references, policy = reference), an independent
+float64 re-derivation of the virtual reference, CTRO and ARWC invariants, and Proposition 2 with its exact
+conditions, a bound under CTRO and a pinned counterexample to the printed statement."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+import mrpo
+
+settings.register_profile("mrpo", deadline=None, max_examples=150)
+settings.load_profile("mrpo")
+
+LOGP = st.floats(-1e4, 0.0, allow_nan=False, allow_infinity=False, allow_subnormal=False)
+BETA = st.floats(1e-3, 5.0)
+LOSS_NAMES = ["mrpo", "multi_dpo", "mean_ref"]
+
+
+@st.composite
+def batches(draw, k_min=1, k_max=8):
+    """Policy (B,) and reference (K, B) log-probs in [-1e4, 0], float64, with random weights alpha (K,)."""
+    K, B = draw(st.integers(k_min, k_max)), draw(st.integers(1, 16))
+    vec = lambda n: draw(st.lists(LOGP, min_size=n, max_size=n))  # noqa: E731
+    t = lambda rows: torch.tensor(rows, dtype=torch.float64)  # noqa: E731
+    alpha = t([draw(st.floats(0.01, 1.0)) for _ in range(K)])
+    return dict(pc=t(vec(B)), pr=t(vec(B)), rc=t([vec(B) for _ in range(K)]), rr=t([vec(B) for _ in range(K)]),
+                alpha=alpha / alpha.sum(), beta=draw(BETA))
+
+
+def with_grad(x):
+    return x.clone().requires_grad_(True)
+
+
+def loss_and_grads(name, b, **kw):
+    """Summed loss and its gradient w.r.t. the policy log-probs."""
+    pc, pr = with_grad(b["pc"]), with_grad(b["pr"])
+    losses, rc, rr = mrpo.compute_loss(name, pc, pr, b["rc"], b["rr"], b["beta"], **kw)
+    losses.sum().backward()
+    return losses.detach(), pc.grad, pr.grad, rc, rr
+
+
+def close(a, b, **kw):
+    torch.testing.assert_close(a, b, rtol=kw.get("rtol", 1e-9), atol=kw.get("atol", 1e-9))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Identities
+
+
+@given(batches(k_min=1, k_max=1), st.sampled_from(["arwc", "uniform"]), st.booleans())
+def test_k1_mrpo_equals_dpo_values_and_gradients(b, alpha, clip):
+    got = loss_and_grads("mrpo", b, alpha=alpha, clip=clip)
+    want = loss_and_grads("dpo", b)
+    for g, w in zip(got, want):
+        close(g, w)
+
+
+@given(batches(), st.sampled_from(["arwc", "uniform", "given"]))
+def test_eps_zero_mrpo_equals_dpo_against_reference_1(b, alpha):
+    alpha = b["alpha"] if alpha == "given" else alpha
+    got = loss_and_grads("mrpo", b, alpha=alpha, eps=0.0)
+    want = loss_and_grads("dpo", b)
+    for g, w in zip(got, want):
+        close(g, w, rtol=1e-7, atol=1e-7)
+
+
+@given(batches(), st.sampled_from(LOSS_NAMES), st.sampled_from(["arwc", "uniform", "given"]), st.booleans())
+def test_identical_references_reduce_every_loss_to_dpo(b, name, alpha, clip):
+    K = b["rc"].shape[0]
+    b = dict(b, rc=b["rc"][:1].expand(K, -1), rr=b["rr"][:1].expand(K, -1))
+    alpha = b["alpha"] if alpha == "given" else alpha
+    got = loss_and_grads(name, b, alpha=alpha, clip=clip)
+    want = loss_and_grads("dpo", b)
+    for g, w in zip(got, want):
+        close(g, w, rtol=1e-7, atol=1e-7)
+
+
+@given(batches(), st.sampled_from(["arwc", "uniform"]), st.floats(0.0, 1.0))
+def test_policy_equal_to_virtual_reference_gives_ln2_and_zero_rewards(b, alpha, eps_max):
+    # The virtual reference exactly as mrpo_loss builds it: alpha and eps from raw log-probs, then CTRO, Prop. 1.
+    w = mrpo.resolve_alpha(alpha, b["rc"], b["rr"])
+    eps_w, eps_l = mrpo.adaptive_eps(b["rc"], b["rr"], eps_max)
+    pc = mrpo.virtual_reference_logps(mrpo.ctro_clip(b["rc"], eps_w), w)
+    pr = mrpo.virtual_reference_logps(mrpo.ctro_clip(b["rr"], eps_l), w)
+    losses, rc, rr = mrpo.mrpo_loss(pc, pr, b["rc"], b["rr"], b["beta"], alpha=alpha, eps_max=eps_max)
+    close(losses, torch.full_like(losses, math.log(2)))
+    close(rc, torch.zeros_like(rc))
+    close(rr, torch.zeros_like(rr))
+
+
+def test_dpo_sanity_value():
+    z = torch.tensor([-12.0, -3.5])
+    losses, rc, rr = mrpo.dpo_loss(z, z - 1, z, z - 1, beta=0.1)
+    close(losses, torch.full((2,), math.log(2)), rtol=1e-6, atol=1e-6)
+    assert rc.abs().max() == 0 and rr.abs().max() == 0
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The virtual reference against an independent computation
+
+
+def harmonic_logp(ref_logps, alpha):
+    """log (sum_k alpha_k / pi_k)^-1 in plain Python float64, with a manual max shift."""
+    terms = [math.log(a) - r for a, r in zip(alpha, ref_logps) if a > 0]
+    top = max(terms)
+    return -(top + math.log(sum(math.exp(t - top) for t in terms)))
+
+
+@given(batches())
+def test_virtual_reference_matches_float64_harmonic_mean_and_lies_between_min_and_max(b):
+    got = mrpo.virtual_reference_logps(b["rc"], b["alpha"])
+    a = b["alpha"].tolist()
+    want = torch.tensor([harmonic_logp(col, a) for col in b["rc"].T.tolist()], dtype=torch.float64)
+    close(got, want, rtol=1e-12, atol=1e-9)
+    assert bool((got >= b["rc"].min(0).values - 1e-9).all())
+    assert bool((got <= b["rc"].max(0).values + 1e-9).all())
+    # Dominated by the least likely reference: log pi_tilde <= min_k (log pi_k - log alpha_k).
+    assert bool((got <= (b["rc"] - b["alpha"].log()[:, None]).min(0).values + 1e-9).all())
+
+
+@given(batches(k_min=2))
+def test_zero_weight_drops_a_reference(b):
+    alpha = b["alpha"].clone()
+    alpha[-1] = 0.0
+    alpha = alpha / alpha.sum()
+    close(mrpo.virtual_reference_logps(b["rc"], alpha), mrpo.virtual_reference_logps(b["rc"][:-1], alpha[:-1]))
+
+
+@given(batches())
+def test_float32_agrees_with_float64(b):
+    # Inputs on a 1e-3 grid: a margin like 1e-45 would give an alpha that float32 flushes to 0, a real but
+    # different effect (Mean-Ref is sensitive to tiny weights) from the rounding this test measures.
+    f32 = {k: ((v * 1e3).round() / 1e3).float() if torch.is_tensor(v) else v for k, v in b.items()}
+    f64 = {k: (v.double() if torch.is_tensor(v) else v) for k, v in f32.items()}  # same inputs, exactly
+    for name in ["dpo"] + LOSS_NAMES:
+        lo32 = mrpo.compute_loss(name, f32["pc"], f32["pr"], f32["rc"], f32["rr"], b["beta"])[0]
+        lo64 = mrpo.compute_loss(name, f64["pc"], f64["pr"], f64["rc"], f64["rr"], b["beta"])[0]
+        assert lo32.dtype == torch.float32
+        # float32 carries ~1e-3 nats of rounding at |log p| ~ 1e4; the logit scales it by beta.
+        torch.testing.assert_close(lo32.double(), lo64, rtol=1e-5, atol=2e-2 * b["beta"] + 1e-5)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# CTRO (Eq. 8) and the adaptive eps (Eq. 9)
+
+
+@given(batches(), st.floats(0.0, 2.0))
+def test_ctro_region_idempotent_and_reference_1_untouched(b, eps):
+    clipped = mrpo.ctro_clip(b["rc"], eps)
+    ref1 = b["rc"][0]
+    assert torch.equal(clipped[0], ref1)
+    assert bool((clipped >= (1 + eps) * ref1 - 1e-9).all()) and bool((clipped <= (1 - eps) * ref1 + 1e-9).all())
+    assert torch.equal(mrpo.ctro_clip(clipped, eps), clipped)
+    inside = (b["rc"] >= (1 + eps) * ref1) & (b["rc"] <= (1 - eps) * ref1)
+    assert torch.equal(clipped[inside], b["rc"][inside])  # references already inside are not moved
+
+
+@given(batches())
+def test_ctro_eps_zero_collapses_onto_reference_1(b):
+    clipped = mrpo.ctro_clip(b["rc"], 0.0)
+    assert torch.equal(clipped, b["rc"][:1].expand_as(b["rc"]))
+
+
+@given(batches(), st.floats(0.0, 1.0))
+def test_adaptive_eps_shares_eps_max_by_log_prob_mass(b, eps_max):
+    eps_w, eps_l = mrpo.adaptive_eps(b["rc"], b["rr"], eps_max)
+    close(eps_w + eps_l, torch.full_like(eps_w, eps_max))
+    mw, ml = b["rc"].sum(0).abs(), b["rr"].sum(0).abs()
+    nonzero = (mw + ml) > 0
+    close(eps_w[nonzero], eps_max * mw[nonzero] / (mw + ml)[nonzero])
+
+
+def test_adaptive_eps_all_zero_pair_splits_evenly():
+    zeros = torch.zeros(3, 2)
+    eps_w, eps_l = mrpo.adaptive_eps(zeros, zeros, 0.1)
+    close(eps_w, torch.full((2,), 0.05)), close(eps_l, torch.full((2,), 0.05))
+
+
+def test_ctro_maps_minus_inf_of_other_references_into_the_region_but_losses_refuse_it():
+    ref = torch.tensor([[-10.0], [-math.inf]])
+    assert mrpo.ctro_clip(ref, 0.1)[1].item() == pytest.approx(-11.0)
+    policy = torch.tensor([-5.0])
+    for name in LOSS_NAMES:
+        with pytest.raises(ValueError, match="finite"):
+            mrpo.compute_loss(name, policy, policy, ref, ref - 1, 0.1)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# ARWC (Eq. 10)
+
+
+@given(batches(), st.randoms(use_true_random=False))
+def test_arwc_weights_are_a_distribution_and_permutation_equivariant(b, rnd):
+    alpha = mrpo.arwc_weights(b["rc"], b["rr"])
+    assert bool((alpha >= 0).all())
+    close(alpha.sum(0), torch.ones(alpha.shape[1], dtype=alpha.dtype))
+    margins = (b["rc"] - b["rr"]).abs()
+    denominators = margins.sum(0)
+    ok = denominators > 0
+    close(alpha[:, ok], margins[:, ok] / denominators[ok])
+    perm = list(range(alpha.shape[0]))
+    rnd.shuffle(perm)
+    close(mrpo.arwc_weights(b["rc"][perm], b["rr"][perm]), alpha[perm])
+
+
+def test_arwc_uniform_for_zero_margins_and_carries_no_gradient():
+    rc = torch.tensor([[-3.0, -1.0], [-7.0, -2.0], [-5.0, -4.0]], requires_grad=True)
+    alpha = mrpo.arwc_weights(rc, rc.detach().clone())
+    close(alpha, torch.full((3, 2), 1 / 3))
+    assert not alpha.requires_grad
+
+
+def test_given_alpha_is_validated_and_normalised():
+    rc, rr = torch.full((2, 3), -5.0), torch.full((2, 3), -6.0)
+    close(mrpo.resolve_alpha([1.0, 3.0], rc, rr), torch.tensor([[0.25] * 3, [0.75] * 3]))
+    with pytest.raises(ValueError, match="K=2"):
+        mrpo.resolve_alpha([1.0, 1.0, 1.0], rc, rr)
+    with pytest.raises(ValueError, match="non-negative"):
+        mrpo.resolve_alpha([1.0, -1.0], rc, rr)
+    with pytest.raises(ValueError, match="arwc"):
+        mrpo.resolve_alpha("harmonic", rc, rr)
+    with pytest.raises(ValueError, match="unknown loss"):
+        mrpo.compute_loss("ipo", rc[0], rr[0], rc, rr, 0.1)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Gradients at extreme inputs
+
+
+@pytest.mark.parametrize("name", ["dpo"] + LOSS_NAMES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gradients_finite_at_extreme_inputs(name, dtype):
+    extremes = torch.tensor([-1e4, 0.0, -1e-8, -5e3], dtype=dtype)
+    pc, pr = with_grad(extremes), with_grad(extremes.flip(0))
+    rc = torch.stack([extremes.flip(0), extremes, torch.zeros_like(extremes)])
+    rr = torch.stack([extremes, extremes.flip(0), torch.full_like(extremes, -1e4)])
+    losses, _, _ = mrpo.compute_loss(name, pc, pr, rc, rr, beta=5.0)
+    losses.sum().backward()
+    assert bool(torch.isfinite(losses).all())
+    assert bool(torch.isfinite(pc.grad).all()) and bool(torch.isfinite(pr.grad).all())
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Proposition 2: |grad MRPO| vs |grad Multi-DPO| when every d_k = beta (m_k - h) has the same sign
+
+
+@st.composite
+def same_sign_batches(draw, sign):
+    """References drawn freely; the policy margin h placed so that every d_k has the given sign (or is 0)."""
+    b = draw(batches(k_min=1, k_max=8))
+    margins = b["rc"] - b["rr"]  # m_k, (K, B)
+    offset = torch.tensor(draw(st.lists(st.floats(0.0, 50.0), min_size=margins.shape[1],
+                                        max_size=margins.shape[1])), dtype=torch.float64)
+    h = margins.min(0).values - offset if sign > 0 else margins.max(0).values + offset
+    b["pr"] = b["pc"] - h  # policy margin log pi(y_w) - log pi(y_l) = h
+    return b
+
+
+def grad_magnitudes(b, clip, alpha=None):
+    """|dL/d log pi(y_w)| per example for MRPO and Multi-DPO (equal to beta * sigma(d) terms)."""
+    kw = dict(alpha=b["alpha"] if alpha is None else alpha, clip=clip)
+    g_mrpo = loss_and_grads("mrpo", b, **kw)[1].abs()
+    g_multi = loss_and_grads("multi_dpo", b, **kw)[1].abs()
+    return g_mrpo, g_multi
+
+
+@given(same_sign_batches(+1), st.sampled_from([+1, -1]))
+def test_prop2_holds_exactly_for_the_geometric_mean_reference(b, sign):
+    if sign < 0:  # mirror: make every d_k <= 0
+        h = (b["rc"] - b["rr"]).max(0).values + 1.0
+        b = dict(b, pr=b["pc"] - h)
+    pc = with_grad(b["pc"])
+    geo_w, geo_l = (b["alpha"][:, None] * b["rc"]).sum(0), (b["alpha"][:, None] * b["rr"]).sum(0)
+    mrpo.dpo_loss(pc, b["pr"], geo_w, geo_l, b["beta"])[0].sum().backward()
+    g_geo = pc.grad.abs()
+    g_multi = loss_and_grads("multi_dpo", b, alpha=b["alpha"], clip=False)[1].abs()
+    if sign > 0:
+        assert bool((g_geo >= g_multi - 1e-12).all())
+    else:
+        assert bool((g_geo <= g_multi + 1e-12).all())
+
+
+@given(same_sign_batches(+1))
+def test_prop2_positive_side_holds_for_mrpo_when_references_disagree_more_on_rejected(b):
+    alpha = b["alpha"][:, None].expand_as(b["rc"])
+    gap = mrpo.prop2_bound(b["rc"], b["rr"], alpha)
+    assume(bool((gap >= 0).all()))
+    g_mrpo, g_multi = grad_magnitudes(b, clip=False)
+    assert bool((g_mrpo >= g_multi - 1e-12).all())
+
+
+@given(same_sign_batches(-1))
+def test_prop2_negative_side_holds_for_mrpo_when_references_disagree_more_on_chosen(b):
+    alpha = b["alpha"][:, None].expand_as(b["rc"])
+    gap = mrpo.prop2_bound(b["rc"], b["rr"], alpha)
+    assume(bool((gap <= 0).all()))
+    g_mrpo, g_multi = grad_magnitudes(b, clip=False)
+    assert bool((g_mrpo <= g_multi + 1e-12).all())
+
+
+@given(batches(k_min=1, k_max=8), st.floats(0.0, 0.5), st.floats(0.0, 50.0), st.sampled_from([+1, -1]))
+def test_prop2_under_ctro_fails_by_at_most_beta_delta_over_4(b, eps, offset, sign):
+    rc, rr = mrpo.ctro_clip(b["rc"], eps), mrpo.ctro_clip(b["rr"], eps)  # the references the losses will see
+    margins = rc - rr
+    h = margins.min(0).values - offset if sign > 0 else margins.max(0).values + offset
+    b = dict(b, pr=b["pc"] - h)
+    kw = dict(alpha=b["alpha"], eps=eps)
+    g_mrpo = loss_and_grads("mrpo", b, **kw)[1].abs()
+    g_multi = loss_and_grads("multi_dpo", b, **kw)[1].abs()
+    delta = 2 * eps * torch.maximum(-b["rc"][0], -b["rr"][0])  # 2 max(eps a_1, eps b_1)
+    slack = b["beta"] * (b["beta"] * delta / 4) + 1e-9  # gradients carry one more factor beta
+    if sign > 0:
+        assert bool((g_mrpo >= g_multi - slack).all())
+    else:
+        assert bool((g_mrpo <= g_multi + slack).all())
+
+
+def test_prop2_as_printed_fails_on_a_pinned_counterexample():
+    """K=2, alpha=(0.5, 0.5), beta=0.1: both d_k > 0, yet MRPO's gradient is smaller than Multi-DPO's."""
+    b = dict(pc=torch.tensor([-50.0], dtype=torch.float64), pr=torch.tensor([-60.0], dtype=torch.float64),
+             rc=torch.tensor([[-67.0], [-32.0]], dtype=torch.float64),
+             rr=torch.tensor([[-78.0], [-70.0]], dtype=torch.float64),
+             alpha=torch.tensor([0.5, 0.5], dtype=torch.float64), beta=0.1)
+    h = (b["pc"] - b["pr"]).item()
+    d = [b["beta"] * ((b["rc"][k] - b["rr"][k]).item() - h) for k in range(2)]
+    assert d == pytest.approx([0.1, 2.8]) and min(d) > 0
+    g_mrpo, g_multi = grad_magnitudes(b, clip=False)
+    sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    assert g_multi.item() == pytest.approx(b["beta"] * (sig(d[0]) + sig(d[1])) / 2)  # 0.1 * 0.734
+    assert g_mrpo.item() == pytest.approx(b["beta"] * 0.525, abs=1e-3)
+    assert g_mrpo.item() < g_multi.item()
+    alpha = b["alpha"][:, None].expand_as(b["rc"])
+    assert mrpo.prop2_bound(b["rc"], b["rr"], alpha).item() < 0  # the condition of the exact statement fails
