@@ -525,3 +525,177 @@ def load_cache(path, pairs, data_path=None):
         raise CacheMismatchError(f"{path}: holds {len(cached)} rows but {data_name} has {len(current)} (made from "
                                  f"{meta.get('data')}); fix: {hint}")
     return {**tensors, "refs": json.loads(meta["refs"])}
+
+
+def _write_safetensors(path, tensors, metadata):
+    """Write a safetensors file atomically (temp file + os.replace) and deterministically.
+
+    safetensors' own writer orders the metadata differently from run to run, so two runs would not give identical
+    bytes; the format is simple enough to write by hand: 8-byte little-endian header size, JSON header, raw data.
+    """
+    header, blobs, offset = {"__metadata__": dict(sorted(metadata.items()))}, [], 0
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        dtype = {torch.float32: "F32", torch.uint8: "U8", torch.int64: "I64"}[t.dtype]
+        blob = t.numpy().tobytes()  # little-endian on every platform torch supports here
+        header[name] = {"dtype": dtype, "shape": list(t.shape), "data_offsets": [offset, offset + len(blob)]}
+        blobs.append(blob)
+        offset += len(blob)
+    head = json.dumps(header, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    head += b" " * (-len(head) % 8)  # the data starts 8-byte aligned
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".safetensors")
+    with os.fdopen(fd, "wb") as f:
+        f.write(len(head).to_bytes(8, "little"))
+        f.write(head)
+        for blob in blobs:
+            f.write(blob)
+    os.replace(tmp, path)
+
+
+def _read_safetensors(path):
+    from safetensors import safe_open
+    with safe_open(path, framework="pt") as f:
+        return {name: f.get_tensor(name) for name in f.keys()}, (f.metadata() or {})
+
+
+def encode_pairs(tokenizer, pairs, max_length=512, max_prompt_length=256):
+    """Encoded sequences of all pairs, interleaved: [chosen_0, rejected_0, chosen_1, rejected_1, ...] (2N)."""
+    return [encode(tokenizer, p["prompt"], p[field], max_length, max_prompt_length)
+            for p in pairs for field in ("chosen", "rejected")]
+
+
+def padding_share(encoded, batches):
+    """Fraction of the tokens in the padded batches that are padding."""
+    real = sum(len(e.ids) for e in encoded)
+    padded = sum(len(b) * max(len(encoded[i].ids) for i in b) for b in batches)
+    return 1 - real / padded
+
+
+class _Stop(Exception):
+    """Raised by --stop-after-batches (tests only) to simulate a run killed part-way."""
+
+
+def score_reference(k, spec, pairs, fingerprints, args, budget):
+    """Log-probs of all pairs under reference k, resuming from OUT.partial/ref{k}.safetensors when it matches.
+
+    Returns (chosen_logps (N,), rejected_logps (N,), ref dict, stats dict). budget: a one-element list holding how
+    many more batches may be scored before stopping (None: no limit), shared by all references.
+    """
+    quant = "4bit" if args.load_in_4bit else "8bit" if args.load_in_8bit else None
+    tokenizer = load_tokenizer(spec, args.cache_dir)
+    encoded = encode_pairs(tokenizer, pairs, args.max_length, args.max_prompt_length)
+    N = len(pairs)
+    ref = {**model_identity(spec, tokenizer, args.dtype, quant), "max_length": args.max_length,
+           "max_prompt_length": args.max_prompt_length, "batch_size": args.batch_size,
+           "truncated_rows": sum(encoded[2 * i].truncated or encoded[2 * i + 1].truncated for i in range(N))}
+    key = {"ref": json.dumps(ref, sort_keys=True), "rows": _sha(json.dumps(fingerprints))}
+    partial = os.path.join(args.out + ".partial", f"ref{k}.safetensors")
+    logps, done = torch.zeros(2 * N), torch.zeros(2 * N, dtype=torch.uint8)  # interleaved chosen/rejected
+    if os.path.isfile(partial):
+        tensors, meta = _read_safetensors(partial)
+        if meta == key:
+            logps, done = tensors["logps"], tensors["done"]
+        else:
+            print(f"{partial} was made with other settings or data; scoring reference {spec} from the start",
+                  file=sys.stderr)
+
+    batches = length_batches([len(e.ids) for e in encoded], args.batch_size)
+    todo = [b for b in batches if not all(done[i] for i in b)]
+    stats = {"tokens": 0, "padding": padding_share(encoded, batches), "seconds": 0.0, "load_seconds": 0.0}
+    if todo:
+        from tqdm import tqdm
+        t0 = time.time()
+        model, _ = load_model(spec, args.dtype, args.load_in_4bit, args.load_in_8bit, args.device, args.cache_dir)
+        stats["load_seconds"] = time.time() - t0
+        t0 = time.time()
+        bar = tqdm(total=len(batches), initial=len(batches) - len(todo), unit="batch",
+                   desc=f"ref {k + 1} {spec}", dynamic_ncols=True)
+        for b in todo:
+            if budget[0] is not None and budget[0] <= 0:
+                raise _Stop()
+            input_ids, attention_mask, response_mask = collate([encoded[i] for i in b])
+            with torch.inference_mode():
+                out = sequence_logps(model, input_ids.to(args.device), attention_mask.to(args.device),
+                                     response_mask.to(args.device))
+            logps[b] = out.cpu()
+            done[b] = 1
+            stats["tokens"] += sum(len(encoded[i].ids) for i in b)  # real tokens, padding not counted
+            _write_safetensors(partial, {"logps": logps, "done": done}, key)
+            bar.update(1)
+            if budget[0] is not None:
+                budget[0] -= 1
+        bar.close()
+        stats["seconds"] = time.time() - t0
+        del model
+    return logps[0::2].clone(), logps[1::2].clone(), ref, stats
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # Data
+    parser.add_argument("--data", required=True, help="JSONL preference pairs: prompt/chosen/rejected per line")
+    parser.add_argument("--out", required=True, help="output .safetensors file of reference log-probs")
+    parser.add_argument("--max-length", type=int, default=512, help="most tokens of prompt + response")
+    parser.add_argument("--max-prompt-length", type=int, default=256,
+                        help="most prompt tokens kept (its end) when prompt + response exceed --max-length")
+    # Model
+    parser.add_argument("--refs", nargs="+", default=DEFAULT_REFS,
+                        help="reference models, reference 1 first (the policy starts from it): an alias "
+                             f"({', '.join(ALIASES)}), a hub id, a local directory or a .gguf file")
+    parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32",
+                        help="weights dtype; log-probs are computed in float32 either way")
+    parser.add_argument("--load-in-4bit", action="store_true", help="load references in 4 bit (bitsandbytes NF4)")
+    parser.add_argument("--load-in-8bit", action="store_true", help="load references in 8 bit (bitsandbytes)")
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    parser.add_argument("--cache-dir", default=default_cache_dir(),
+                        help="where GGUF models are cached as safetensors (default: $MRPO_CACHE or ~/.cache/mrpo)")
+    # Scoring
+    parser.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass")
+    parser.add_argument("--stop-after-batches", type=int, default=None,
+                        help="for tests: stop after scoring this many batches, as if the run were killed")
+    args = parser.parse_args()
+    if args.load_in_4bit and args.load_in_8bit:
+        parser.error("choose one of --load-in-4bit and --load-in-8bit")
+    if not 0 < args.max_prompt_length < args.max_length:
+        parser.error("need 0 < --max-prompt-length < --max-length")
+
+    t_start = time.time()
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()  # one progress bar per reference is ours; the loaders' own would clutter it
+    try:
+        pairs = read_pairs(args.data)
+    except DataError as e:
+        sys.exit(f"error: {e}")
+    fingerprints = [pair_fingerprint(p) for p in pairs]
+    budget = [args.stop_after_batches]
+    chosen, rejected, refs, summary = [], [], [], []
+    for k, spec in enumerate(args.refs):
+        try:
+            c, r, ref, stats = score_reference(k, spec, pairs, fingerprints, args, budget)
+        except _Stop:
+            print(f"stopped after {args.stop_after_batches} batches (--stop-after-batches); run the same command "
+                  f"again to resume", file=sys.stderr)
+            sys.exit(3)
+        chosen.append(c)
+        rejected.append(r)
+        refs.append(ref)
+        speed = f", {stats['tokens'] / stats['seconds']:.0f} tok/s" if stats["seconds"] else " (resumed)"
+        summary.append(f"{spec}: accuracy {(c > r).float().mean():.2f}, truncated {ref['truncated_rows']}, "
+                       f"padding {stats['padding']:.1%}{speed}")
+        if ref["truncated_rows"]:
+            print(f"{spec}: {ref['truncated_rows']} of {len(pairs)} rows truncated to --max-length "
+                  f"{args.max_length} (end of prompt kept, then start of response)", file=sys.stderr)
+
+    metadata = {"format": CACHE_FORMAT, "fingerprints": json.dumps(fingerprints), "refs": json.dumps(refs),
+                "data": args.data}
+    _write_safetensors(args.out, {"chosen_logps": torch.stack(chosen), "rejected_logps": torch.stack(rejected)},
+                       metadata)
+    shutil.rmtree(args.out + ".partial", ignore_errors=True)
+    print(f"wrote {args.out}: {len(pairs)} pairs x {len(refs)} refs in {time.time() - t_start:.0f}s | "
+          + " | ".join(summary))
+
+
+if __name__ == "__main__":
+    main()
