@@ -1,0 +1,488 @@
+r"""Train a policy by DPO, MRPO, Multi-DPO or Mean-Ref with LoRA, optionally on a 4-bit base model (QLoRA).
+
+The policy starts as reference 1 (the first model in the reference cache) and is trained through LoRA adapters
+(peft). The K reference models are not loaded: their log-probs come from the cache that precompute.py wrote, so
+training holds one model in memory whatever K is. Each optimizer step reads a batch of pairs, runs ONE forward pass
+over the chosen and the rejected responses together, sums the response-token log-probs in float32
+(precompute.sequence_logps, the same code that scored the references) and applies a loss from mrpo.py.
+
+CPU demo (what `make demo` runs; the bundled data and the two embedded references):
+
+    python precompute.py --data data/train.jsonl --out runs/demo/refs_train.safetensors
+    python precompute.py --data data/test.jsonl  --out runs/demo/refs_test.safetensors
+    python train.py --loss mrpo --data data/train.jsonl --refs runs/demo/refs_train.safetensors \
+        --eval-data data/test.jsonl --eval-refs runs/demo/refs_test.safetensors \
+        --lr 5e-4 --max-steps 60 --out-dir runs/demo/mrpo
+
+One GPU, a 7B policy loaded in 4 bit (QLoRA), references precomputed the same way (see precompute.py):
+
+    python train.py --loss mrpo --data train.jsonl --refs runs/refs_train.safetensors \
+        --eval-data test.jsonl --eval-refs runs/refs_test.safetensors --device cuda --dtype bf16 \
+        --load-in-4bit --grad-checkpointing --batch-size 8 --grad-accum 4 --out-dir runs/mrpo-7b
+
+Resume an interrupted run: the same command plus --resume. It continues from the latest checkpoint in --out-dir
+(LoRA adapter, optimizer, RNG states, step, data order); on CPU the metrics and the final adapter are identical to
+those of a run that was never interrupted.
+
+Outputs in --out-dir: metrics.jsonl (one JSON record per logged step, DPO/TRL metric names; held-out records use
+TRL's eval_ prefix), config.json (the resolved configuration), checkpoint-NNNNNN/ (the latest checkpoint, written
+atomically), and the final adapter (adapter_config.json, adapter_model.safetensors), which loads with
+peft.PeftModel.from_pretrained(base_model, out_dir).
+
+Where this departs from the paper's setup, and why
+--------------------------------------------------
+- Learning rate: the paper uses 1e-5 (the default here). The CPU demo trains a 135M model for a few minutes on
+  300 pairs, so it uses 5e-4: with 1e-5 the LoRA adapters barely move in 60 steps.
+- LoRA: the paper fine-tunes with LoRA through its trainer's defaults; here rank, alpha, dropout and target modules
+  are flags (defaults r=16, alpha=32, dropout 0, all attention and MLP projections).
+- Dropout in the base model is switched off (as in the DPO reference code), so that the log-probs of a pair do not
+  depend on the random state and, at step 0, equal the cached reference-1 log-probs exactly.
+- Batches are drawn by a seeded random permutation of the pairs each epoch (not grouped by length): simplest to
+  reason about, at the cost of some padding.
+- The schedule is linear warmup then cosine decay to --min-lr over the whole run (--max-steps, or --epochs).
+
+Shapes: B pairs in a (micro-)batch, K references, T tokens. Log-probs are summed over response tokens, float32.
+"""
+
+import argparse
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+
+import torch
+from tqdm import tqdm
+
+import mrpo
+from precompute import (CacheMismatchError, DataError, collate, default_cache_dir, encode, load_cache, load_model,
+                        load_tokenizer, model_identity, read_pairs, sequence_logps)
+
+# ----------------------------------------------------------------------------------------------------------------
+# Config
+
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+group = parser.add_argument_group("Data")
+group.add_argument("--data", required=True, help="training pairs, JSONL with prompt/chosen/rejected per line")
+group.add_argument("--refs", required=True, help="reference cache of --data written by precompute.py (.safetensors)")
+group.add_argument("--eval-data", default=None, help="held-out pairs (JSONL); needed unless --eval-every 0")
+group.add_argument("--eval-refs", default=None, help="reference cache of --eval-data written by precompute.py")
+group = parser.add_argument_group("Model")
+group.add_argument("--model", default=None,
+                   help="policy base model spec (alias, hub id, directory, .gguf); default: reference 1 of --refs. "
+                        "Its tokenizer and chat template must be reference 1's")
+group.add_argument("--dtype", choices=["bf16", "fp32"], default="fp32",
+                   help="weights and autocast dtype of the base model; LoRA weights and log-probs stay float32")
+group.add_argument("--load-in-4bit", action="store_true", help="load the base model in 4 bit (bitsandbytes NF4): QLoRA")
+group.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward (less memory)")
+group.add_argument("--cache-dir", default=default_cache_dir(), help="where precompute.py caches converted models")
+group = parser.add_argument_group("LoRA")
+group.add_argument("--lora-r", type=int, default=16, help="LoRA rank")
+group.add_argument("--lora-alpha", type=float, default=32, help="LoRA scaling numerator (scale = alpha / r)")
+group.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the LoRA input")
+group.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+                   help="comma-separated module names that get adapters, or 'all-linear'")
+group = parser.add_argument_group("Loss")
+group.add_argument("--loss", choices=sorted(mrpo.LOSSES), default="mrpo",
+                   help="dpo (reference 1 only), mrpo (Eq. 7), multi_dpo (Eq. 11), mean_ref (arithmetic mixture)")
+group.add_argument("--beta", type=float, default=0.1, help="DPO/MRPO temperature beta")
+group.add_argument("--alpha", default="arwc",
+                   help="reference weights: arwc (Eq. 10, per example), uniform, or K comma-separated numbers")
+group.add_argument("--eps-max", type=float, default=0.1, help="CTRO bound eps_max of the adaptive eps (Eq. 9)")
+group.add_argument("--eps", type=float, default=None, help="a fixed CTRO eps instead of the adaptive one")
+group.add_argument("--no-clip", action="store_true", help="turn CTRO clipping (Eq. 8) off")
+group = parser.add_argument_group("Optimization")
+group.add_argument("--lr", type=float, default=1e-5, help="peak learning rate (paper: 1e-5; the CPU demo uses 5e-4)")
+group.add_argument("--min-lr", type=float, default=0.0, help="learning rate at the end of the cosine decay")
+group.add_argument("--warmup-steps", type=int, default=10, help="optimizer steps of linear warmup")
+group.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay on the LoRA weights")
+group.add_argument("--batch-size", type=int, default=8, help="pairs per optimizer step")
+group.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (divides the batch)")
+group.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this (0: off)")
+group.add_argument("--epochs", type=float, default=3, help="passes over the data (ignored with --max-steps)")
+group.add_argument("--max-steps", type=int, default=None, help="optimizer steps of the whole run (sets the schedule)")
+group.add_argument("--seed", type=int, default=0, help="seed of LoRA init, data order and dropout")
+group = parser.add_argument_group("Run")
+group.add_argument("--out-dir", default="runs/train", help="where metrics, checkpoints and the adapter go")
+group.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out-dir")
+group.add_argument("--eval-every", type=int, default=20, help="evaluate on the held-out set every N steps (0: never)")
+group.add_argument("--eval-batch-size", type=int, default=16, help="pairs per forward pass in evaluation")
+group.add_argument("--log-every", type=int, default=1, help="write a metrics record every N steps")
+group.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps (and at the end)")
+group.add_argument("--stop-after", type=int, default=None,
+                   help="end the process after this step, as if it were killed, without changing the schedule "
+                        "(to split a run in pieces; continue with --resume)")
+group.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1 ...")
+args = parser.parse_args()
+
+
+def fail(message):
+    """Stop with a message that says what is wrong and what to do."""
+    print(f"train.py: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def parse_alpha(text, K):
+    """--alpha -> "arwc" | "uniform" | K floats; anything else is an error naming the fix."""
+    if text in ("arwc", "uniform"):
+        return text
+    try:
+        weights = [float(w) for w in text.split(",")]
+    except ValueError:
+        fail(f"--alpha {text!r}: expected arwc, uniform or {K} comma-separated numbers")
+    if len(weights) != K:
+        fail(f"--alpha {text!r} gives {len(weights)} weights but {args.refs} holds K={K} references; "
+             f"fix: give {K} numbers, e.g. --alpha {','.join(['1'] * K)}")
+    if min(weights) < 0 or sum(weights) <= 0:
+        fail(f"--alpha {text!r}: weights must be non-negative with a positive sum")
+    return weights
+
+
+device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+if args.batch_size % args.grad_accum:
+    fail(f"--grad-accum {args.grad_accum} must divide --batch-size {args.batch_size}")
+if args.eval_every and not (args.eval_data and args.eval_refs):
+    fail("no held-out set: pass --eval-data TEST.jsonl and --eval-refs its cache (python precompute.py "
+         "--data TEST.jsonl --out CACHE.safetensors), or --eval-every 0 to train without evaluation")
+if args.eval_refs and not args.eval_data:
+    fail("--eval-refs needs --eval-data (the JSONL file the cache was computed from)")
+quant = "4bit" if args.load_in_4bit else None
+os.makedirs(args.out_dir, exist_ok=True)
+torch.manual_seed(args.seed)
+random.seed(args.seed)
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data: pairs, their cached reference log-probs (K, N), and the policy's encoding of each response
+
+try:
+    pairs = read_pairs(args.data)
+    cache = load_cache(args.refs, pairs, args.data)
+    eval_pairs = read_pairs(args.eval_data) if args.eval_data else []
+    eval_cache = load_cache(args.eval_refs, eval_pairs, args.eval_data) if args.eval_data else None
+except (DataError, CacheMismatchError) as e:
+    fail(str(e))
+if not args.eval_refs and args.eval_data:
+    fail(f"--eval-data {args.eval_data} needs --eval-refs: its reference cache (python precompute.py --data "
+         f"{args.eval_data} --out CACHE.safetensors)")
+ref_chosen_logps, ref_rejected_logps = cache["chosen_logps"], cache["rejected_logps"]  # (K, N) each
+K, N = ref_chosen_logps.shape
+ref1 = cache["refs"][0]
+if eval_cache is not None:
+    names, eval_names = [r["name"] for r in cache["refs"]], [r["name"] for r in eval_cache["refs"]]
+    if [{k: v for k, v in r.items() if k not in ("batch_size", "truncated_rows")} for r in cache["refs"]] != \
+            [{k: v for k, v in r.items() if k not in ("batch_size", "truncated_rows")} for r in eval_cache["refs"]]:
+        fail(f"{args.eval_refs} was computed with other references or settings ({eval_names}) than {args.refs} "
+             f"({names}); fix: rerun precompute.py on {args.eval_data} with the same --refs, --dtype and lengths")
+alpha = parse_alpha(args.alpha, K)
+if args.loss != "dpo" and K == 1:
+    print(f"train.py: warning: {args.refs} holds one reference, so --loss {args.loss} is DPO", file=sys.stderr)
+
+spec = args.model or ref1["name"]
+tokenizer = load_tokenizer(spec, args.cache_dir)
+identity = model_identity(spec, tokenizer, args.dtype, quant)
+for field in ("tokenizer", "chat_template_sha256", "format", "bos_token_id", "eos_token_id"):
+    if identity[field] != ref1[field]:
+        fail(f"the policy {spec} formats text differently from reference 1 ({ref1['name']}) of {args.refs}: "
+             f"{field} {identity[field]!r} vs {ref1[field]!r}. The policy starts as reference 1 and must tokenize "
+             f"exactly like it; fix: drop --model, or precompute with --refs {spec} ... first")
+max_length, max_prompt_length = ref1["max_length"], ref1["max_prompt_length"]
+
+
+def encode_all(pairs):
+    """[(chosen Encoded, rejected Encoded)] in the policy's (= reference 1's) format and truncation."""
+    return [(encode(tokenizer, p["prompt"], p["chosen"], max_length, max_prompt_length),
+             encode(tokenizer, p["prompt"], p["rejected"], max_length, max_prompt_length)) for p in pairs]
+
+
+encoded, eval_encoded = encode_all(pairs), encode_all(eval_pairs)
+steps_per_epoch = math.ceil(N / args.batch_size)
+total_steps = args.max_steps or math.ceil(args.epochs * steps_per_epoch)
+
+
+def epoch_order(epoch):
+    """The data order of one epoch: a permutation of the N pair indices, seeded by (seed, epoch)."""
+    g = torch.Generator().manual_seed(args.seed * 100_003 + epoch)
+    return torch.randperm(N, generator=g).tolist()
+
+
+def batch_indices(step):
+    """Pair indices of the batch of optimizer step `step` (0-based); the last batch of an epoch may be smaller."""
+    epoch, i = divmod(step, steps_per_epoch)
+    return epoch_order(epoch)[i * args.batch_size:(i + 1) * args.batch_size]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model: base (optionally 4-bit) + LoRA adapters; the optimizer over the LoRA weights only
+
+from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training, set_peft_model_state_dict  # noqa: E402
+
+model, _ = load_model(spec, dtype=args.dtype, load_in_4bit=args.load_in_4bit, device=str(device),
+                      cache_dir=args.cache_dir)
+model.config.use_cache = False
+for name, module in model.named_modules():
+    if isinstance(module, torch.nn.Dropout):
+        module.p = 0.0  # deterministic log-probs (see the docstring); LoRA's own dropout is added below
+if args.load_in_4bit:
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.grad_checkpointing,
+                                            gradient_checkpointing_kwargs={"use_reentrant": False})
+elif args.grad_checkpointing:
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+targets = "all-linear" if args.lora_targets == "all-linear" else args.lora_targets.split(",")
+model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                                         target_modules=targets, task_type="CAUSAL_LM"))
+if args.load_in_4bit:
+    # On CPUs with AVX512-BF16, a bitsandbytes Linear4bit repacks its weights into an inference-only layout after
+    # any forward in eval mode without grad (our evaluation), and LoRA gradients computed through it afterwards are
+    # wrong, with only a warning. Keep the trainable layout. (tests/test_train.py checks the gradients.)
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+params = [p for p in model.parameters() if p.requires_grad]
+n_trainable = sum(p.numel() for p in params)
+optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
+
+
+def get_lr(step):
+    """Linear warmup to --lr over --warmup-steps, then cosine decay to --min-lr at the last step."""
+    if step < args.warmup_steps:
+        return args.lr * (step + 1) / (args.warmup_steps + 1)
+    progress = (step - args.warmup_steps) / max(1, total_steps - args.warmup_steps)
+    return args.min_lr + 0.5 * (1 + math.cos(math.pi * min(1.0, progress))) * (args.lr - args.min_lr)
+
+
+def policy_logps(encs):
+    """One forward over the chosen and the rejected responses of B pairs: returns (chosen (B,), rejected (B,))."""
+    input_ids, attention_mask, response_mask = collate([c for c, _ in encs] + [r for _, r in encs])  # (2B, T)
+    with autocast:
+        logps = sequence_logps(model, input_ids.to(device), attention_mask.to(device), response_mask.to(device))
+    return logps[:len(encs)], logps[len(encs):], int(attention_mask.sum())  # (B,), (B,), tokens
+
+
+def loss_terms(idx, encs, ref_chosen, ref_rejected):
+    """Forward pairs idx and apply the loss: (losses (B,), metric sums dict, tokens)."""
+    pc, pr, tokens = policy_logps([encs[i] for i in idx])
+    rc, rr = ref_chosen[:, idx].to(device), ref_rejected[:, idx].to(device)  # (K, B)
+    losses, chosen_rewards, rejected_rewards = mrpo.compute_loss(
+        args.loss, pc, pr, rc, rr, args.beta, alpha=alpha, eps_max=args.eps_max, eps=args.eps, clip=not args.no_clip)
+    sums = {"loss": losses.detach().sum(), "rewards/chosen": chosen_rewards.sum(),
+            "rewards/rejected": rejected_rewards.sum(),
+            "rewards/accuracies": (chosen_rewards > rejected_rewards).float().sum(),
+            "rewards/margins": (chosen_rewards - rejected_rewards).sum(),
+            "logps/chosen": pc.detach().sum(), "logps/rejected": pr.detach().sum()}
+    return losses, sums, tokens, (pc.detach(), pr.detach())
+
+
+@torch.no_grad()
+def evaluate():
+    """Mean loss and reward metrics on the held-out set, in eval mode (TRL's eval_ names)."""
+    model.eval()
+    order = sorted(range(len(eval_pairs)), key=lambda i: -len(eval_encoded[i][0].ids) - len(eval_encoded[i][1].ids))
+    totals = {}
+    for start in tqdm(range(0, len(order), args.eval_batch_size), desc="eval", leave=False, dynamic_ncols=True):
+        idx = order[start:start + args.eval_batch_size]
+        _, sums, _, _ = loss_terms(idx, eval_encoded, eval_cache["chosen_logps"], eval_cache["rejected_logps"])
+        for k, v in sums.items():
+            totals[k] = totals.get(k, 0.0) + float(v)
+    model.train()
+    return {f"eval_{k}": v / len(eval_pairs) for k, v in totals.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints: written to a temp directory, then renamed into place; a pointer file names the latest one
+
+config = {**vars(args), "model": spec, "device": str(device), "K": K, "N": N, "refs_identity": cache["refs"],
+          "steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "trainable_params": n_trainable,
+          "torch": torch.__version__}
+RUN_FLAGS = {"resume", "stop_after", "eval_every", "eval_batch_size", "log_every", "save_every", "device"}
+metrics_path = os.path.join(args.out_dir, "metrics.jsonl")
+
+
+def write_json(path, obj):
+    """Write JSON atomically: a temp file in the same directory, then os.replace."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-", suffix=".json")
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=2, default=str)
+    os.replace(tmp, path)
+
+
+def save_adapter(directory):
+    """The LoRA adapter in peft's format (adapter_config.json + adapter_model.safetensors), atomically per file."""
+    tmp = tempfile.mkdtemp(dir=args.out_dir, prefix=".tmp-adapter-")
+    model.save_pretrained(tmp)
+    for name in os.listdir(tmp):
+        os.replace(os.path.join(tmp, name), os.path.join(directory, name))
+    shutil.rmtree(tmp)
+
+
+def save_checkpoint(step):
+    name = f"checkpoint-{step:06d}"
+    tmp = tempfile.mkdtemp(dir=args.out_dir, prefix=f".tmp-{name}-")
+    model.save_pretrained(tmp)
+    rng = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(device)
+    torch.save({"step": step, "optimizer": optimizer.state_dict(), "rng": rng,
+                "schedule": {"lr": get_lr(step), "warmup_steps": args.warmup_steps, "total_steps": total_steps},
+                "data_order": epoch_order(step // steps_per_epoch)}, os.path.join(tmp, "trainer_state.pt"))
+    write_json(os.path.join(tmp, "config.json"), config)
+    final = os.path.join(args.out_dir, name)
+    if os.path.exists(final):
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    fd, pointer = tempfile.mkstemp(dir=args.out_dir, prefix=".tmp-latest-")
+    with os.fdopen(fd, "w") as f:
+        f.write(name + "\n")
+    os.replace(pointer, os.path.join(args.out_dir, "latest"))
+    for old in os.listdir(args.out_dir):  # keep only the latest checkpoint
+        if old.startswith("checkpoint-") and old != name:
+            shutil.rmtree(os.path.join(args.out_dir, old), ignore_errors=True)
+    return final
+
+
+step = 0
+if args.resume:
+    pointer = os.path.join(args.out_dir, "latest")
+    if not os.path.isfile(pointer):
+        fail(f"--resume: no checkpoint in {args.out_dir} (no 'latest' file); fix: run without --resume")
+    ckpt_dir = os.path.join(args.out_dir, open(pointer).read().strip())
+    saved = json.load(open(os.path.join(ckpt_dir, "config.json")))
+    changed = [k for k in vars(args) if k not in RUN_FLAGS and json.loads(json.dumps(saved.get(k), default=str))
+               != json.loads(json.dumps(config[k], default=str))]
+    if changed:
+        fail(f"--resume: these settings differ from the run in {ckpt_dir}: "
+             + ", ".join(f"--{k.replace('_', '-')} {config[k]!r} (was {saved.get(k)!r})" for k in changed)
+             + "; fix: resume with the original flags, or start a new --out-dir")
+    from safetensors.torch import load_file
+    set_peft_model_state_dict(model, load_file(os.path.join(ckpt_dir, "adapter_model.safetensors")))
+    state = torch.load(os.path.join(ckpt_dir, "trainer_state.pt"), weights_only=False)
+    optimizer.load_state_dict(state["optimizer"])
+    step = state["step"]
+    if state["data_order"] != epoch_order(step // steps_per_epoch):
+        fail(f"--resume: the data order saved in {ckpt_dir} differs from this run's; was --data or --seed changed?")
+    random.setstate(state["rng"]["python"])
+    torch.set_rng_state(state["rng"]["torch"])
+    if "cuda" in state["rng"]:
+        torch.cuda.set_rng_state(state["rng"]["cuda"], device)
+    # Drop records past the checkpoint (the interrupted run may have logged steps it did not save).
+    kept = [line for line in open(metrics_path) if json.loads(line)["step"] <= step] \
+        if os.path.exists(metrics_path) else []
+    fd, tmp = tempfile.mkstemp(dir=args.out_dir, prefix=".tmp-metrics-")
+    with os.fdopen(fd, "w") as f:
+        f.writelines(kept)
+    os.replace(tmp, metrics_path)
+    print(f"resumed from {ckpt_dir} at step {step}", file=sys.stderr)
+else:
+    if os.path.exists(metrics_path):
+        os.remove(metrics_path)
+    for old in os.listdir(args.out_dir):
+        if old.startswith("checkpoint-") or old == "latest":
+            shutil.rmtree(os.path.join(args.out_dir, old), ignore_errors=True) if os.path.isdir(
+                os.path.join(args.out_dir, old)) else os.remove(os.path.join(args.out_dir, old))
+write_json(os.path.join(args.out_dir, "config.json"), config)
+metrics_file = open(metrics_path, "a")
+
+
+def log(record):
+    metrics_file.write(json.dumps(record) + "\n")
+    metrics_file.flush()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training loop (counted in optimizer steps)
+
+print(f"train.py: {args.loss} on {N} pairs, K={K} references ({', '.join(r['name'] for r in cache['refs'])}), "
+      f"policy {spec} + LoRA r={args.lora_r} ({n_trainable / 1e6:.2f}M trainable), {total_steps} steps of "
+      f"{args.batch_size} pairs, {args.dtype}{' 4-bit' if args.load_in_4bit else ''} on {device}", file=sys.stderr)
+model.train()
+if step == 0 and args.eval_every:
+    log({"step": 0, **evaluate()})
+t_start, first = time.time(), step == 0
+last_saved = None
+bar = tqdm(total=total_steps, initial=step, desc=args.loss, unit="step", dynamic_ncols=True)
+while step < total_steps:
+    lr = get_lr(step)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    t0 = time.time()
+    idx = batch_indices(step)
+    micro = len(idx) // args.grad_accum or 1
+    totals, tokens = {}, 0
+    for m in range(0, len(idx), micro):
+        losses, sums, n_tokens, (pc, pr) = loss_terms(idx[m:m + micro], encoded, ref_chosen_logps,
+                                                      ref_rejected_logps)
+        loss = losses.sum() / len(idx)  # mean over the whole batch, whatever the micro-batch split
+        if not torch.isfinite(loss):
+            where = f"the latest checkpoint {last_saved}" if last_saved else "no checkpoint was written yet"
+            print(f"train.py: error: the loss is {float(loss)} at step {step + 1} (rows {idx[m:m + micro]} of "
+                  f"{args.data}); stopping without saving: {where} is intact. Fix: lower --lr, keep "
+                  f"--grad-clip on, or check those rows and the cache; resume with --resume", file=sys.stderr)
+            sys.exit(1)
+        loss.backward()
+        if first and m == 0:  # at step 0 the policy IS reference 1: its log-probs must match the cache
+            diff = max(float((pc.float().cpu() - ref_chosen_logps[0, idx[:micro]]).abs().max()),
+                       float((pr.float().cpu() - ref_rejected_logps[0, idx[:micro]]).abs().max()))
+            tol = 1e-3 if args.dtype == "fp32" and not args.load_in_4bit else 0.5
+            same = (ref1["dtype"], ref1["quantization"]) == (args.dtype, quant or "none")
+            log({"step": 0, "check/ref1_max_abs_diff": diff, "check/sequences": 2 * len(idx[:micro])})
+            message = (f"step-0 check: policy vs cached reference-1 log-probs, max |diff| = {diff:.2e} nats over "
+                       f"{2 * len(idx[:micro])} sequences")
+            if diff > tol:
+                cause = ("" if same else f" The cache was computed in {ref1['dtype']}/{ref1['quantization']}, "
+                         f"the policy runs in {args.dtype}/{quant or 'none'}: precompute with the same --dtype and "
+                         f"quantization for an exact start.")
+                message = (f"\n{'!' * 100}\nWARNING: {message} exceeds {tol}: the policy does not start at "
+                           f"reference 1, so the DPO/MRPO rewards are biased from the first step.{cause}\n{'!' * 100}")
+            print(message, file=sys.stderr)
+        for k, v in sums.items():
+            totals[k] = totals.get(k, 0.0) + float(v)
+        tokens += n_tokens
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else float("inf"))
+    if not torch.isfinite(grad_norm):
+        print(f"train.py: error: the gradient norm is {float(grad_norm)} at step {step + 1}; stopping without "
+              f"saving ({last_saved or 'no checkpoint yet'} is intact). Fix: lower --lr", file=sys.stderr)
+        sys.exit(1)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    step += 1
+    first = False
+    dt = time.time() - t0
+    record = {"step": step, "epoch": round(step / steps_per_epoch, 4),
+              **{k: v / len(idx) for k, v in totals.items()}, "lr": lr, "grad_norm": float(grad_norm),
+              "tokens": tokens, "tokens/s": tokens / dt, "step_time": dt}
+    if step % args.log_every == 0 or step == total_steps:
+        log(record)
+        bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['rewards/accuracies']:.2f}",
+                        margin=f"{record['rewards/margins']:.3f}", lr=f"{lr:.1e}")
+    bar.update(1)
+    if args.eval_every and (step % args.eval_every == 0 or step == total_steps):
+        result = evaluate()
+        log({"step": step, **result})
+        bar.write(f"step {step}: eval loss {result['eval_loss']:.4f}, accuracy "
+                  f"{result['eval_rewards/accuracies']:.3f}, margin {result['eval_rewards/margins']:.4f}")
+    if step % args.save_every == 0 or step == total_steps or step == args.stop_after:
+        last_saved = save_checkpoint(step)
+    if step == args.stop_after and step < total_steps:
+        bar.close()
+        print(f"train.py: stopped after step {step} (--stop-after); continue with the same command and --resume",
+              file=sys.stderr)
+        sys.exit(0)
+bar.close()
+metrics_file.close()
+save_adapter(args.out_dir)
+
+final = [json.loads(line) for line in open(metrics_path)]
+train_records = [r for r in final if "loss" in r]
+eval_records = [r for r in final if "eval_loss" in r]
+summary = f"train.py: {args.loss}, {step} steps in {time.time() - t_start:.0f}s"
+if train_records:
+    summary += (f" | train loss {train_records[0]['loss']:.4f} -> {train_records[-1]['loss']:.4f}, "
+                f"accuracy {train_records[-1]['rewards/accuracies']:.2f}")
+if eval_records:
+    summary += (f" | eval accuracy {eval_records[0]['eval_rewards/accuracies']:.3f} -> "
+                f"{eval_records[-1]['eval_rewards/accuracies']:.3f}, margin "
+                f"{eval_records[-1]['eval_rewards/margins']:.4f}")
+print(summary + f" | adapter in {args.out_dir}")
