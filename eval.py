@@ -1,0 +1,243 @@
+r"""Preference accuracy and reward margin of a base model and of LoRA adapters trained by train.py, on held-out pairs.
+
+CPU demo (what `make demo` runs after training):
+
+    python eval.py --data data/test.jsonl --refs runs/demo/refs_test.safetensors \
+        --adapters base runs/demo/dpo runs/demo/mrpo --out runs/demo/eval.json
+
+One GPU, a 7B policy in 4 bit (the adapters of train.py's QLoRA runs; the base model is reference 1):
+
+    python eval.py --data test.jsonl --refs runs/refs_test.safetensors --device cuda --dtype bf16 --load-in-4bit \
+        --adapters base runs/dpo-7b runs/mrpo-7b --out runs/eval-7b.json --generate 20
+
+(Nothing to resume: evaluation is one pass; the JSON is written atomically at the end.)
+
+What is measured, for every policy pi (the base model, or base + adapter) and every held-out pair (x, y_w, y_l)
+------------------------------------------------------------------------------------------------------------------
+- Against reference 1 (the model the policy started from, DPO's reference): the implicit reward
+  r(x, y) = beta (log pi(y|x) - log pi_ref1(y|x)); accuracy = share of pairs with r(x, y_w) > r(x, y_l), and the mean
+  margin r(x, y_w) - r(x, y_l).
+- Against the virtual reference of MRPO (Prop. 1, with CTRO and the --alpha weights; mrpo.mrpo_loss's rewards):
+  the same two numbers with log pi_tilde in place of log pi_ref1. With K = 1 both columns agree.
+- Own accuracy: share of pairs where pi itself gives y_w a higher log-prob than y_l (no reference involved).
+- For each reference model, its own accuracy from the cache: does it give the chosen response more probability?
+A tie (equal rewards; e.g. the base model against reference 1, where every reward is 0) counts as half a correct
+answer, so an untrained policy scores 0.5 (chance) rather than 0.
+
+Which one the paper reports: the paper's "preference accuracy" tables come from the authors' trainer
+(github.com/thaihungle/MRPO, trainer_mref.py), which logs eval rewards/accuracies from the rewards its loss returns:
+for MRPO these are measured against the virtual (clipped, mixed) reference, for the DPO baseline against its single
+reference. So the paper's number is the "virtual" column for MRPO runs and the "ref1" column for DPO runs; this
+script prints both for every policy, so that DPO and MRPO can also be compared on the same yardstick.
+
+The reward settings (--beta, --alpha, --eps-max, --eps, --no-clip) are the same for all policies; they default to
+the training defaults. Use --generate N to write the greedy responses of every policy to the first N prompts
+beside the base model's.
+"""
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+import torch
+from tqdm import tqdm
+
+import mrpo
+from precompute import (CacheMismatchError, DataError, collate, default_cache_dir, encode, load_cache, load_model,
+                        model_identity, read_pairs, sequence_logps)
+
+# ----------------------------------------------------------------------------------------------------------------
+# Config
+
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+group = parser.add_argument_group("Data")
+group.add_argument("--data", required=True, help="held-out pairs, JSONL with prompt/chosen/rejected per line")
+group.add_argument("--refs", required=True, help="reference cache of --data written by precompute.py (.safetensors)")
+group = parser.add_argument_group("Model")
+group.add_argument("--model", default=None, help="base model spec; default: reference 1 of --refs")
+group.add_argument("--adapters", nargs="+", default=["base"],
+                   help="policies to evaluate: 'base' (no adapter) and/or directories of LoRA adapters")
+group.add_argument("--dtype", choices=["bf16", "fp32"], default="fp32", help="weights and autocast dtype")
+group.add_argument("--load-in-4bit", action="store_true", help="load the base model in 4 bit (bitsandbytes NF4)")
+group.add_argument("--cache-dir", default=default_cache_dir(), help="where precompute.py caches converted models")
+group.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda ...")
+group = parser.add_argument_group("Reward")
+group.add_argument("--beta", type=float, default=0.1, help="beta of the implicit reward beta * log(pi / pi_ref)")
+group.add_argument("--alpha", default="arwc", help="virtual reference weights: arwc, uniform, or K numbers")
+group.add_argument("--eps-max", type=float, default=0.1, help="CTRO bound of the adaptive eps (Eq. 9)")
+group.add_argument("--eps", type=float, default=None, help="a fixed CTRO eps instead of the adaptive one")
+group.add_argument("--no-clip", action="store_true", help="no CTRO clipping in the virtual reference")
+group = parser.add_argument_group("Output")
+group.add_argument("--out", default="runs/eval.json", help="JSON file of all numbers (written atomically)")
+group.add_argument("--batch-size", type=int, default=16, help="pairs per forward pass")
+group.add_argument("--generate", type=int, default=0, help="write greedy responses to the first N prompts")
+group.add_argument("--max-new-tokens", type=int, default=64, help="most tokens generated per response")
+args = parser.parse_args()
+
+
+def fail(message):
+    print(f"eval.py: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def write_atomic(path, text):
+    """Write text to a temp file in the same directory, then os.replace it into place."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+t_start = time.time()
+device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+try:
+    pairs = read_pairs(args.data)
+    cache = load_cache(args.refs, pairs, args.data)
+except (DataError, CacheMismatchError) as e:
+    fail(str(e))
+ref_chosen_logps, ref_rejected_logps = cache["chosen_logps"], cache["rejected_logps"]  # (K, N)
+K, N = ref_chosen_logps.shape
+ref1 = cache["refs"][0]
+if args.alpha in ("arwc", "uniform"):
+    alpha = args.alpha
+else:
+    try:
+        alpha = [float(w) for w in args.alpha.split(",")]
+    except ValueError:
+        fail(f"--alpha {args.alpha!r}: expected arwc, uniform or {K} comma-separated numbers")
+    if len(alpha) != K:
+        fail(f"--alpha {args.alpha!r} gives {len(alpha)} weights but {args.refs} holds K={K} references; "
+             f"fix: give {K} numbers")
+for path in args.adapters:
+    if path != "base" and not os.path.isfile(os.path.join(path, "adapter_config.json")):
+        fail(f"--adapters {path}: no adapter_config.json there; fix: give the --out-dir of a finished train.py run "
+             f"(or 'base' for the model without adapter)")
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model: the base model once, every adapter loaded into it by name
+
+spec = args.model or ref1["name"]
+quant = "4bit" if args.load_in_4bit else None
+model, tokenizer = load_model(spec, dtype=args.dtype, load_in_4bit=args.load_in_4bit, device=str(device),
+                              cache_dir=args.cache_dir)
+identity = model_identity(spec, tokenizer, args.dtype, quant)
+for field in ("tokenizer", "chat_template_sha256", "format", "bos_token_id", "eos_token_id"):
+    if identity[field] != ref1[field]:
+        fail(f"the base model {spec} formats text differently from reference 1 ({ref1['name']}) of {args.refs}: "
+             f"{field} {identity[field]!r} vs {ref1[field]!r}; fix: drop --model or precompute with its tokenizer")
+names = {}  # adapter directory -> peft adapter name
+for path in args.adapters:
+    if path == "base":
+        continue
+    train_config = os.path.join(path, "config.json")
+    if os.path.isfile(train_config):
+        trained_on = json.load(open(train_config)).get("model")
+        if trained_on not in (None, spec):
+            fail(f"{path} was trained on base model {trained_on}, not {spec}; fix: pass --model {trained_on}")
+    from peft import PeftModel
+    names[path] = f"policy{len(names)}"
+    if len(names) == 1:
+        model = PeftModel.from_pretrained(model, path, adapter_name=names[path])
+    else:
+        model.load_adapter(path, adapter_name=names[path])
+model.eval()
+autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
+
+
+def policy_context(path):
+    """A context in which `model` is the policy `path`: the base model (adapters off) or base + that adapter."""
+    if path == "base":
+        return model.disable_adapter() if names else torch.no_grad()
+    model.set_adapter(names[path])
+    return torch.no_grad()
+
+
+encoded = [(encode(tokenizer, p["prompt"], p["chosen"], ref1["max_length"], ref1["max_prompt_length"]),
+            encode(tokenizer, p["prompt"], p["rejected"], ref1["max_length"], ref1["max_prompt_length"]))
+           for p in pairs]
+order = sorted(range(N), key=lambda i: -len(encoded[i][0].ids) - len(encoded[i][1].ids))  # less padding
+
+
+@torch.no_grad()
+def policy_logps(path):
+    """log pi(y_w|x), log pi(y_l|x) of every pair under policy `path`: (N,), (N,) float32, in data order."""
+    chosen, rejected = torch.zeros(N), torch.zeros(N)
+    with policy_context(path):
+        for start in tqdm(range(0, N, args.batch_size), desc=path, leave=False, dynamic_ncols=True):
+            idx = order[start:start + args.batch_size]
+            input_ids, attention_mask, response_mask = collate([encoded[i][0] for i in idx] +
+                                                               [encoded[i][1] for i in idx])  # (2B, T)
+            with autocast:
+                logps = sequence_logps(model, input_ids.to(device), attention_mask.to(device),
+                                       response_mask.to(device)).float().cpu()
+            chosen[idx], rejected[idx] = logps[:len(idx)], logps[len(idx):]
+    return chosen, rejected
+
+
+def accuracy(chosen_rewards, rejected_rewards):
+    """Share of pairs ranked right; ties count half."""
+    return float((chosen_rewards > rejected_rewards).float().mean() + 0.5 * (chosen_rewards == rejected_rewards)
+                 .float().mean())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Evaluate every policy
+
+results = {}
+for path in tqdm(args.adapters, desc="policies", dynamic_ncols=True):
+    pc, pr = policy_logps(path)
+    ref1_chosen, ref1_rejected = args.beta * (pc - ref_chosen_logps[0]), args.beta * (pr - ref_rejected_logps[0])
+    _, virtual_chosen, virtual_rejected = mrpo.mrpo_loss(pc, pr, ref_chosen_logps, ref_rejected_logps, args.beta,
+                                                         alpha=alpha, eps_max=args.eps_max, eps=args.eps,
+                                                         clip=not args.no_clip)
+    results[path] = {
+        "ref1/accuracy": accuracy(ref1_chosen, ref1_rejected),
+        "ref1/margin": float((ref1_chosen - ref1_rejected).mean()),
+        "virtual/accuracy": accuracy(virtual_chosen, virtual_rejected),
+        "virtual/margin": float((virtual_chosen - virtual_rejected).mean()),
+        "own/accuracy": accuracy(pc, pr),
+        "logps/chosen": float(pc.mean()), "logps/rejected": float(pr.mean()),
+    }
+references = [{"name": r["name"], "accuracy": accuracy(ref_chosen_logps[k], ref_rejected_logps[k]),
+               "logps/chosen": float(ref_chosen_logps[k].mean()),
+               "logps/rejected": float(ref_rejected_logps[k].mean())} for k, r in enumerate(cache["refs"])]
+
+generations_path = None
+if args.generate:
+    rows = []
+    for i in tqdm(range(min(args.generate, N)), desc="generate", dynamic_ncols=True):
+        prompt_ids = encoded[i][0].ids[:encoded[i][0].start]  # the prompt in the model's format, generation prompt on
+        row = {"prompt": pairs[i]["prompt"], "chosen": pairs[i]["chosen"], "rejected": pairs[i]["rejected"]}
+        for path in ["base"] + [p for p in args.adapters if p != "base"]:
+            with policy_context(path), autocast:
+                out = model.generate(input_ids=torch.tensor([prompt_ids], device=device),
+                                     attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long, device=device),
+                                     max_new_tokens=args.max_new_tokens, do_sample=False,
+                                     pad_token_id=tokenizer.eos_token_id)
+            row[path] = tokenizer.decode(out[0, len(prompt_ids):], skip_special_tokens=True)
+        rows.append(row)
+    generations_path = os.path.splitext(args.out)[0] + ".generations.jsonl"
+    write_atomic(generations_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+report = {"data": args.data, "refs": args.refs, "pairs": N, "model": spec, "dtype": args.dtype,
+          "load_in_4bit": args.load_in_4bit, "beta": args.beta, "alpha": args.alpha, "eps_max": args.eps_max,
+          "eps": args.eps, "clip": not args.no_clip, "policies": results, "references": references,
+          "generations": generations_path}
+write_atomic(args.out, json.dumps(report, indent=2) + "\n")
+
+# ----------------------------------------------------------------------------------------------------------------
+# The table
+
+width = max(len(p) for p in args.adapters + ["policy"])
+print(f"{'policy':<{width}}  acc(ref1)  margin(ref1)  acc(virtual)  margin(virtual)  acc(own log-prob)")
+for path, r in results.items():
+    print(f"{path:<{width}}  {r['ref1/accuracy']:9.3f}  {r['ref1/margin']:12.4f}  {r['virtual/accuracy']:12.3f}  "
+          f"{r['virtual/margin']:15.4f}  {r['own/accuracy']:17.3f}")
+print("references (own accuracy: log-prob of chosen > rejected): "
+      + ", ".join(f"{r['name']} {r['accuracy']:.3f}" for r in references))
+print(f"eval.py: {len(results)} policies on {N} pairs of {args.data} in {time.time() - t_start:.0f}s -> {args.out}"
+      + (f", generations in {generations_path}" if generations_path else ""))
