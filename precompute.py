@@ -116,8 +116,13 @@ def read_pairs(path):
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such file; fix: pass --data a JSONL file with prompt/chosen/rejected rows")
     pairs = []
-    with open(path, encoding="utf-8") as f:
-        for line, text in enumerate(f, start=1):
+    with open(path, "rb") as f:
+        for line, raw in enumerate(f, start=1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{line}: not UTF-8 ({e.reason} at byte {e.start}); fix: save the file as "
+                                f"UTF-8") from None
             if text.strip() == "":
                 continue
             try:
@@ -342,11 +347,18 @@ def tokenizer_identity(tokenizer):
     return _sha(json.dumps([vocab, probe, specials], ensure_ascii=False))
 
 
-def model_identity(spec, tokenizer, dtype, quant):
+def source_identity(spec, cache_dir=None):
+    """Where the weights come from: the GGUF file name and its sha256 (first 16 digits), else the spec itself."""
+    kind, location = _resolve(spec, cache_dir or default_cache_dir())
+    return f"{os.path.basename(location)} sha256:{_sha256_file(location)[:16]}" if kind == "gguf" else location
+
+
+def model_identity(spec, tokenizer, dtype, quant, source=None):
     """What a cached log-prob depends on, for one reference: name, tokenizer, chat template, dtype, quantization."""
     template = getattr(tokenizer, "chat_template", None)
     return {
         "name": spec,
+        "source": source or spec,
         "tokenizer": tokenizer_identity(tokenizer),
         "chat_template_sha256": _sha(template) if template else None,
         "format": "chat_template" if template else "plain",
@@ -587,7 +599,8 @@ def score_reference(k, spec, pairs, fingerprints, args, budget):
     tokenizer = load_tokenizer(spec, args.cache_dir)
     encoded = encode_pairs(tokenizer, pairs, args.max_length, args.max_prompt_length)
     N = len(pairs)
-    ref = {**model_identity(spec, tokenizer, args.dtype, quant), "max_length": args.max_length,
+    source = source_identity(spec, args.cache_dir)
+    ref = {**model_identity(spec, tokenizer, args.dtype, quant, source), "max_length": args.max_length,
            "max_prompt_length": args.max_prompt_length, "batch_size": args.batch_size,
            "truncated_rows": sum(encoded[2 * i].truncated or encoded[2 * i + 1].truncated for i in range(N))}
     key = {"ref": json.dumps(ref, sort_keys=True), "rows": _sha(json.dumps(fingerprints))}

@@ -8,6 +8,7 @@ every position of the full logits, summed by a Python loop over the response pos
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -155,7 +156,7 @@ def test_sequence_logps_alignment_and_gradient():
         with torch.no_grad():
             logits = model(torch.tensor([e.ids])).logits[0].log_softmax(-1)
         expected = sum(float(logits[t - 1, e.ids[t]]) for t in range(e.start, len(e.ids)))
-        assert abs(float(logps[b]) - expected) < 1e-5
+        assert abs(logps[b].item() - expected) < 1e-5
     logps.sum().backward()
     assert model.a.weight.grad is not None and model.a.weight.grad.abs().sum() > 0
 
@@ -357,3 +358,10 @@ def test_cli_smoke(tmp_path, pairs_small):
     result = subprocess.run([sys.executable, os.path.join(ROOT, "precompute.py"), "--data", bad, "--out",
                              str(out)], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode != 0 and f"{bad}:2: field 'rejected' is missing" in result.stderr
+
+
+def test_not_utf8_names_line(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes((GOOD + "\n").encode() + '{"prompt": "caf\xe9", "chosen": "a", "rejected": "b"}\n'.encode("latin-1"))
+    with pytest.raises(DataError, match=re.escape(f"{path}:2: not UTF-8")):
+        read_pairs(str(path))
