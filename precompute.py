@@ -647,27 +647,27 @@ def score_reference(k, spec, pairs, fingerprints, args, budget):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    # Data
-    parser.add_argument("--data", required=True, help="JSONL preference pairs: prompt/chosen/rejected per line")
-    parser.add_argument("--out", required=True, help="output .safetensors file of reference log-probs")
-    parser.add_argument("--max-length", type=int, default=512, help="most tokens of prompt + response")
-    parser.add_argument("--max-prompt-length", type=int, default=256,
-                        help="most prompt tokens kept (its end) when prompt + response exceed --max-length")
-    # Model
-    parser.add_argument("--refs", nargs="+", default=DEFAULT_REFS,
-                        help="reference models, reference 1 first (the policy starts from it): an alias "
-                             f"({', '.join(ALIASES)}), a hub id, a local directory or a .gguf file")
-    parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32",
-                        help="weights dtype; log-probs are computed in float32 either way")
-    parser.add_argument("--load-in-4bit", action="store_true", help="load references in 4 bit (bitsandbytes NF4)")
-    parser.add_argument("--load-in-8bit", action="store_true", help="load references in 8 bit (bitsandbytes)")
-    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
-    parser.add_argument("--cache-dir", default=default_cache_dir(),
-                        help="where GGUF models are cached as safetensors (default: $MRPO_CACHE or ~/.cache/mrpo)")
-    # Scoring
-    parser.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass")
-    parser.add_argument("--stop-after-batches", type=int, default=None,
-                        help="for tests: stop after scoring this many batches, as if the run were killed")
+    group = parser.add_argument_group("Data")
+    group.add_argument("--data", required=True, help="JSONL preference pairs: prompt/chosen/rejected per line")
+    group.add_argument("--out", required=True, help="output .safetensors file of reference log-probs")
+    group.add_argument("--max-length", type=int, default=512, help="most tokens of prompt + response")
+    group.add_argument("--max-prompt-length", type=int, default=256,
+                       help="most prompt tokens kept (its end) when prompt + response exceed --max-length")
+    group = parser.add_argument_group("Model")
+    group.add_argument("--refs", nargs="+", default=DEFAULT_REFS,
+                       help="reference models, reference 1 first (the policy starts from it): an alias "
+                            f"({', '.join(ALIASES)}), a hub id, a local directory or a .gguf file")
+    group.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32",
+                       help="weights dtype; log-probs are computed in float32 either way")
+    group.add_argument("--load-in-4bit", action="store_true", help="load references in 4 bit (bitsandbytes NF4)")
+    group.add_argument("--load-in-8bit", action="store_true", help="load references in 8 bit (bitsandbytes)")
+    group.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    group.add_argument("--cache-dir", default=default_cache_dir(),
+                       help="where GGUF models are cached as safetensors (default: $MRPO_CACHE or ~/.cache/mrpo)")
+    group = parser.add_argument_group("Scoring")
+    group.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass")
+    group.add_argument("--stop-after-batches", type=int, default=None,
+                       help="for tests: stop after scoring this many batches, as if the run were killed")
     args = parser.parse_args()
     if args.load_in_4bit and args.load_in_8bit:
         parser.error("choose one of --load-in-4bit and --load-in-8bit")

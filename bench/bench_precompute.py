@@ -25,20 +25,20 @@ import precompute  # noqa: E402
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    # Data
-    parser.add_argument("--data", default=os.path.join(ROOT, "data", "train.jsonl"), help="JSONL preference pairs")
-    parser.add_argument("--rows", type=int, default=None, help="use only the first ROWS pairs (default: all)")
-    parser.add_argument("--max-length", type=int, default=512, help="most tokens of prompt + response")
-    parser.add_argument("--max-prompt-length", type=int, default=256, help="most prompt tokens kept when truncating")
-    # Model
-    parser.add_argument("--refs", nargs="+", default=precompute.DEFAULT_REFS, help="reference models to time")
-    parser.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=["bf16", "fp32", "fp16"],
-                        help="dtypes to time each model in")
-    parser.add_argument("--load-in-4bit", action="store_true", help="load in 4 bit (bitsandbytes NF4)")
-    parser.add_argument("--device", default="cpu", help="torch device")
-    parser.add_argument("--cache-dir", default=precompute.default_cache_dir(), help="GGUF safetensors cache")
-    # Scoring
-    parser.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass")
+    group = parser.add_argument_group("Data")
+    group.add_argument("--data", default=os.path.join(ROOT, "data", "train.jsonl"), help="JSONL preference pairs")
+    group.add_argument("--rows", type=int, default=None, help="use only the first ROWS pairs (default: all)")
+    group.add_argument("--max-length", type=int, default=512, help="most tokens of prompt + response")
+    group.add_argument("--max-prompt-length", type=int, default=256, help="most prompt tokens kept when truncating")
+    group = parser.add_argument_group("Model")
+    group.add_argument("--refs", nargs="+", default=precompute.DEFAULT_REFS, help="reference models to time")
+    group.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=["bf16", "fp32", "fp16"],
+                       help="dtypes to time each model in")
+    group.add_argument("--load-in-4bit", action="store_true", help="load in 4 bit (bitsandbytes NF4)")
+    group.add_argument("--device", default="cpu", help="torch device")
+    group.add_argument("--cache-dir", default=precompute.default_cache_dir(), help="GGUF safetensors cache")
+    group = parser.add_argument_group("Scoring")
+    group.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass")
     args = parser.parse_args()
 
     from tqdm import tqdm

@@ -271,12 +271,12 @@ def write_jsonl(path, rows):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    # Data
-    parser.add_argument("--seed", type=int, default=2405, help="random seed (the bundled files use 2405)")
-    parser.add_argument("--n-train", type=int, default=300, help="number of training pairs")
-    parser.add_argument("--n-test", type=int, default=100, help="number of held-out test pairs")
-    parser.add_argument("--out-dir", default=os.path.dirname(os.path.abspath(__file__)),
-                        help="where train.jsonl and test.jsonl are written (default: next to this script)")
+    group = parser.add_argument_group("Data")
+    group.add_argument("--seed", type=int, default=2405, help="random seed (the bundled files use 2405)")
+    group.add_argument("--n-train", type=int, default=300, help="number of training pairs")
+    group.add_argument("--n-test", type=int, default=100, help="number of held-out test pairs")
+    group.add_argument("--out-dir", default=os.path.dirname(os.path.abspath(__file__)),
+                       help="where train.jsonl and test.jsonl are written (default: next to this script)")
     args = parser.parse_args()
 
     rng = random.Random(args.seed)
