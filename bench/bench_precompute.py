@@ -39,7 +39,10 @@ def main():
     group.add_argument("--cache-dir", default=precompute.default_cache_dir(), help="GGUF safetensors cache")
     group = parser.add_argument_group("Scoring")
     group.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass")
+    group.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     from tqdm import tqdm
     from transformers.utils import logging as hf_logging
