@@ -1,0 +1,152 @@
+"""Benchmark of one training step: DPO vs MRPO with K = 1, 2, 4, 8 references, same model, same batch, one run.
+
+    python bench/bench_train.py                                  # SmolLM2 + LoRA on CPU, 8 bundled pairs
+    python bench/bench_train.py --dtype bf16 --rounds 10
+    python bench/bench_train.py --device cuda --model Qwen/Qwen2.5-7B-Instruct --load-in-4bit --dtype bf16
+
+A step is what train.py does per optimizer step: one forward over the chosen and rejected responses of the batch
+together, summed float32 log-probs, the loss from mrpo.py against K cached reference log-probs, backward, gradient
+clipping and an AdamW step on the LoRA weights. The K reference log-probs are synthetic (reference 1's log-probs
+plus noise): MRPO never runs a reference model, so K only changes the (K, B) tensors that enter the loss.
+
+Timing: the configurations are interleaved round by round (DPO, K=1, K=2, ...) and the median step time of each
+is reported, so slow drifts of the machine hit all of them alike. Memory: on CUDA the peak allocated memory of the
+step (torch.cuda.max_memory_allocated); on CPU the peak resident set size during the step above the size before it,
+sampled every millisecond from /proc/self/statm. Goal: MRPO/DPO step time <= 1.02, peak memory independent of K.
+"""
+
+import argparse
+import os
+import statistics
+import sys
+import threading
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import mrpo  # noqa: E402
+import precompute  # noqa: E402
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    group = parser.add_argument_group("Data")
+    group.add_argument("--data", default=os.path.join(ROOT, "data", "train.jsonl"), help="JSONL preference pairs")
+    group.add_argument("--batch-size", type=int, default=8, help="pairs per step (the paper's batch: 8)")
+    group = parser.add_argument_group("Model")
+    group.add_argument("--model", default="smollm2", help="policy base model spec (alias, hub id, directory, .gguf)")
+    group.add_argument("--dtype", choices=["bf16", "fp32"], default="fp32", help="weights and autocast dtype")
+    group.add_argument("--load-in-4bit", action="store_true", help="4-bit base model (bitsandbytes NF4)")
+    group.add_argument("--lora-r", type=int, default=16, help="LoRA rank")
+    group.add_argument("--device", default="cpu", help="torch device")
+    group.add_argument("--cache-dir", default=precompute.default_cache_dir(), help="GGUF safetensors cache")
+    group = parser.add_argument_group("Benchmark")
+    group.add_argument("--ks", type=int, nargs="+", default=[1, 2, 4, 8], help="numbers of references for MRPO")
+    group.add_argument("--rounds", type=int, default=6, help="timed steps per configuration (after one warmup)")
+    args = parser.parse_args()
+
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    device = torch.device(args.device)
+    model, tokenizer = precompute.load_model(args.model, dtype=args.dtype, load_in_4bit=args.load_in_4bit,
+                                             device=args.device, cache_dir=args.cache_dir)
+    if args.load_in_4bit:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        for module in model.modules():  # the CPU repack guard, as in train.py
+            if hasattr(module, "support_avx512bf16_for_cpu"):
+                module.support_avx512bf16_for_cpu = False
+    model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, task_type="CAUSAL_LM",
+                                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                             "up_proj", "down_proj"]))
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-6)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
+
+    pairs = precompute.read_pairs(args.data)[:args.batch_size]
+    B = len(pairs)
+    encoded = [precompute.encode(tokenizer, p["prompt"], p["chosen"]) for p in pairs] + \
+              [precompute.encode(tokenizer, p["prompt"], p["rejected"]) for p in pairs]
+    input_ids, attention_mask, response_mask = (t.to(device) for t in precompute.collate(encoded))  # (2B, T)
+    with torch.no_grad(), autocast:
+        ref1 = precompute.sequence_logps(model, input_ids, attention_mask, response_mask).float()  # (2B,)
+    g = torch.Generator().manual_seed(0)
+    max_k = max(args.ks)
+    noise = torch.randn(max_k, 2 * B, generator=g).to(device) * 5  # other references: within ~5 nats
+    noise[0] = 0
+    refs = ref1[None, :] + noise - noise.abs()  # (max_k, 2B), row 0 = reference 1, all <= reference 1 + 0
+
+    def step(loss_name, K):
+        with autocast:
+            logps = precompute.sequence_logps(model, input_ids, attention_mask, response_mask)  # (2B,)
+        rc, rr = refs[:K, :B], refs[:K, B:]  # (K, B)
+        losses, _, _ = mrpo.compute_loss(loss_name, logps[:B], logps[B:], rc, rr, 0.1)
+        losses.mean().backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    page = os.sysconf("SC_PAGE_SIZE")
+
+    def rss():
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * page
+
+    def measured(loss_name, K):
+        """(seconds, peak bytes above the start) of one step."""
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            t0 = time.perf_counter()
+            step(loss_name, K)
+            torch.cuda.synchronize()
+            return time.perf_counter() - t0, torch.cuda.max_memory_allocated() - base
+        base, peak, done = rss(), [0], threading.Event()
+
+        def sample():
+            while not done.is_set():
+                peak[0] = max(peak[0], rss())
+                time.sleep(0.001)
+
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        t0 = time.perf_counter()
+        step(loss_name, K)
+        seconds = time.perf_counter() - t0
+        done.set()
+        sampler.join()
+        return seconds, max(peak[0], rss()) - base
+
+    configs = [("dpo", 1)] + [("mrpo", K) for K in args.ks]
+    for loss_name, K in configs:  # warmup
+        measured(loss_name, K)
+    times = {c: [] for c in configs}
+    memory = {c: 0 for c in configs}
+    from tqdm import tqdm
+    for _ in tqdm(range(args.rounds), desc="rounds", dynamic_ncols=True):
+        for c in configs:
+            seconds, peak = measured(*c)
+            times[c].append(seconds)
+            memory[c] = max(memory[c], peak)
+
+    tokens = int(attention_mask.sum())
+    dpo_time, dpo_mem = statistics.median(times[("dpo", 1)]), memory[("dpo", 1)]
+    print(f"{args.model} {args.dtype}{' 4-bit' if args.load_in_4bit else ''} + LoRA r={args.lora_r} on {device}, "
+          f"batch {B} pairs ({2 * B} sequences, {tokens} tokens, T={input_ids.shape[1]}), "
+          f"median of {args.rounds} steps")
+    print(f"{'loss':<10} {'step s':>8} {'time/DPO':>9} {'peak MiB':>9} {'mem/DPO':>8}")
+    for (loss_name, K) in configs:
+        t, m = statistics.median(times[(loss_name, K)]), memory[(loss_name, K)]
+        name = "dpo" if loss_name == "dpo" else f"mrpo K={K}"
+        print(f"{name:<10} {t:8.3f} {t / dpo_time:9.3f} {m / 2**20:9.1f} {m / max(dpo_mem, 1):8.3f}")
+    worst = max(statistics.median(times[c]) for c in configs[1:]) / dpo_time
+    spread = max(memory[c] for c in configs[1:]) / max(1, min(memory[c] for c in configs[1:]))
+    print(f"bench_train: worst MRPO/DPO step time {worst:.3f} (goal <= 1.02); MRPO peak memory max/min over K "
+          f"{spread:.3f} (goal: independent of K)")
+
+
+if __name__ == "__main__":
+    main()
