@@ -11,7 +11,7 @@ $(STAMP): requirements.txt requirements-models.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) demo.py
+	PY=$(PY) bash demo.sh
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
