@@ -21,8 +21,9 @@ What is measured, for every policy pi (the base model, or base + adapter) and ev
   the same two numbers with log pi_tilde in place of log pi_ref1. With K = 1 both columns agree.
 - Own accuracy: share of pairs where pi itself gives y_w a higher log-prob than y_l (no reference involved).
 - For each reference model, its own accuracy from the cache: does it give the chosen response more probability?
-A tie (equal rewards; e.g. the base model against reference 1, where every reward is 0) counts as half a correct
-answer, so an untrained policy scores 0.5 (chance) rather than 0.
+A tie counts as half a correct answer: equal rewards, up to 1e-4 nats of log-prob (the float noise between batched
+fp32 forward passes). So the base model against reference 1, where every reward is 0, scores 0.5 (chance), not 0.
+(Evaluating in bf16 against an fp32 cache adds bf16 noise instead; precompute in the dtype you evaluate in.)
 
 Which one the paper reports: the paper's "preference accuracy" tables come from the authors' trainer
 (github.com/thaihungle/MRPO, trainer_mref.py), which logs eval rewards/accuracies from the rewards its loss returns:
@@ -178,10 +179,17 @@ def policy_logps(path):
     return chosen, rejected
 
 
-def accuracy(chosen_rewards, rejected_rewards):
-    """Share of pairs ranked right; ties count half."""
-    return float((chosen_rewards > rejected_rewards).float().mean() + 0.5 * (chosen_rewards == rejected_rewards)
-                 .float().mean())
+TIE = 1e-4  # nats: batched fp32 log-probs differ from the cached ones by ~1e-5 (other padding, other batch)
+
+
+def accuracy(chosen, rejected, beta=1.0):
+    """Share of pairs ranked right (chosen > rejected); a tie, |chosen - rejected| / beta < TIE nats, counts half.
+
+    chosen, rejected: (N,) log-probs (beta = 1) or implicit rewards (beta = their beta).
+    """
+    margin = (chosen - rejected) / beta  # (N,) in nats
+    tie = margin.abs() < TIE
+    return float(((margin > 0) & ~tie).float().mean() + 0.5 * tie.float().mean())
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -195,9 +203,9 @@ for path in tqdm(args.adapters, desc="policies", dynamic_ncols=True):
                                                          alpha=alpha, eps_max=args.eps_max, eps=args.eps,
                                                          clip=not args.no_clip)
     results[path] = {
-        "ref1/accuracy": accuracy(ref1_chosen, ref1_rejected),
+        "ref1/accuracy": accuracy(ref1_chosen, ref1_rejected, args.beta),
         "ref1/margin": float((ref1_chosen - ref1_rejected).mean()),
-        "virtual/accuracy": accuracy(virtual_chosen, virtual_rejected),
+        "virtual/accuracy": accuracy(virtual_chosen, virtual_rejected, args.beta),
         "virtual/margin": float((virtual_chosen - virtual_rejected).mean()),
         "own/accuracy": accuracy(pc, pr),
         "logps/chosen": float(pc.mean()), "logps/rejected": float(pr.mean()),
