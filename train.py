@@ -149,6 +149,9 @@ if args.eval_every and not (args.eval_data and args.eval_refs):
          "--data TEST.jsonl --out CACHE.safetensors), or --eval-every 0 to train without evaluation")
 if args.eval_refs and not args.eval_data:
     fail("--eval-refs needs --eval-data (the JSONL file the cache was computed from)")
+if not args.eval_refs and args.eval_data:
+    fail(f"--eval-data {args.eval_data} needs --eval-refs: its reference cache (python precompute.py --data "
+         f"{args.eval_data} --out CACHE.safetensors)")
 quant = "4bit" if args.load_in_4bit else None
 os.makedirs(args.out_dir, exist_ok=True)
 torch.manual_seed(args.seed)
@@ -164,9 +167,6 @@ try:
     eval_cache = load_cache(args.eval_refs, eval_pairs, args.eval_data) if args.eval_data else None
 except (DataError, CacheMismatchError) as e:
     fail(str(e))
-if not args.eval_refs and args.eval_data:
-    fail(f"--eval-data {args.eval_data} needs --eval-refs: its reference cache (python precompute.py --data "
-         f"{args.eval_data} --out CACHE.safetensors)")
 ref_chosen_logps, ref_rejected_logps = cache["chosen_logps"], cache["rejected_logps"]  # (K, N) each
 K, N = ref_chosen_logps.shape
 ref1 = cache["refs"][0]
@@ -400,7 +400,7 @@ print(f"train.py: {args.loss} on {N} pairs, K={K} references ({', '.join(r['name
 model.train()
 if step == 0 and args.eval_every:
     log({"step": 0, **evaluate()})
-t_start, first = time.time(), step == 0
+t_start, start_step, first = time.time(), step, step == 0
 last_saved = None
 bar = tqdm(total=total_steps, initial=step, desc=args.loss, unit="step", dynamic_ncols=True)
 while step < total_steps:
@@ -409,7 +409,7 @@ while step < total_steps:
         group["lr"] = lr
     t0 = time.time()
     idx = batch_indices(step)
-    micro = len(idx) // args.grad_accum or 1
+    micro = math.ceil(len(idx) / args.grad_accum)  # pairs per micro-batch (the last batch of an epoch may be short)
     totals, tokens = {}, 0
     for m in range(0, len(idx), micro):
         losses, sums, n_tokens, (pc, pr) = loss_terms(idx[m:m + micro], encoded, ref_chosen_logps,
@@ -477,7 +477,7 @@ save_adapter(args.out_dir)
 final = [json.loads(line) for line in open(metrics_path)]
 train_records = [r for r in final if "loss" in r]
 eval_records = [r for r in final if "eval_loss" in r]
-summary = f"train.py: {args.loss}, {step} steps in {time.time() - t_start:.0f}s"
+summary = f"train.py: {args.loss}, steps {start_step + 1}-{step} of {total_steps} in {time.time() - t_start:.0f}s"
 if train_records:
     summary += (f" | train loss {train_records[0]['loss']:.4f} -> {train_records[-1]['loss']:.4f}, "
                 f"accuracy {train_records[-1]['rewards/accuracies']:.2f}")

@@ -94,7 +94,7 @@ def test_metrics_use_dpo_trl_names_and_step0_matches_reference1(easy_run, easy):
     assert "WARNING" not in result.stderr
     # The held-out loss at step 0 is the loss of the policy = reference 1 against the cache.
     assert abs(evals[0]["eval_logps/chosen"] - float(load_file(easy[1])["chosen_logps"][0].mean())) < 1e-3
-    assert "train.py: mrpo, 24 steps" in result.stdout
+    assert "train.py: mrpo, steps 1-24 of 24" in result.stdout
 
 
 def test_loss_decreases_and_accuracy_rises_on_easy_slice(easy_run):
