@@ -2,8 +2,10 @@
 
 Run: .venv/bin/python -m pytest -q tests/test_notebook.py   (a few minutes: section 7 trains two small models)
 
-The notebook runs in a fresh kernel with the working directory at the repository root, exactly as committed. Its
-own cells assert that the inline derivations agree with mrpo.py, so a drift between the two fails here.
+The notebook runs in a fresh kernel with the working directory at the repository root, exactly as committed: section 7
+precomputes, trains and evaluates from scratch in a temporary directory (only the converted default models under
+$MRPO_CACHE are reused when present). Its own cells assert that the inline derivations agree with mrpo.py, so a
+drift between the two fails here.
 """
 
 import json
@@ -46,6 +48,7 @@ def _kernel_env(tmp_path):
 def test_notebook_executes_and_plots(tmp_path, monkeypatch):
     nb = nbformat.read(NOTEBOOK, as_version=4)
     monkeypatch.setenv("JUPYTER_PATH", _kernel_env(tmp_path) + os.pathsep + os.environ.get("JUPYTER_PATH", ""))
+    monkeypatch.setenv("TMPDIR", str(tmp_path))  # section 7 writes its run (caches, adapters: ~150 MB) to a temp dir
     client = NotebookClient(nb, kernel_name="python3", timeout=900, startup_timeout=120,
                             resources={"metadata": {"path": str(ROOT)}})
     client.execute()  # raises CellExecutionError, naming the cell and the traceback, if any cell fails
