@@ -12,7 +12,10 @@ plus noise): MRPO never runs a reference model, so K only changes the (K, B) ten
 Timing: the configurations are interleaved round by round (DPO, K=1, K=2, ...) and the median step time of each
 is reported, so slow drifts of the machine hit all of them alike. Memory: on CUDA the peak allocated memory of the
 step (torch.cuda.max_memory_allocated); on CPU the peak resident set size during the step above the size before it,
-sampled every millisecond from /proc/self/statm. Goal: MRPO/DPO step time <= 1.02, peak memory independent of K.
+sampled every millisecond from /proc/self/statm (noisy: the allocator decides when pages go back). Exact on any
+device: the bytes of the tensors autograd saves for backward in the step ("saved"), and the time of the loss function
+alone (forward + backward on the log-prob tensors), which is all that K changes.
+Goal: MRPO/DPO step time <= 1.02, peak memory independent of K.
 """
 
 import argparse
@@ -78,11 +81,22 @@ def main():
     noise[0] = 0
     refs = ref1[None, :] + noise - noise.abs()  # (max_k, 2B), row 0 = reference 1, all <= reference 1 + 0
 
+    saved = [0, set()]  # bytes of the tensors autograd keeps for backward in one step (distinct storages)
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in saved[1]:
+            saved[1].add(storage.data_ptr())
+            saved[0] += storage.nbytes()
+        return t
+
     def step(loss_name, K):
-        with autocast:
-            logps = precompute.sequence_logps(model, input_ids, attention_mask, response_mask)  # (2B,)
-        rc, rr = refs[:K, :B], refs[:K, B:]  # (K, B)
-        losses, _, _ = mrpo.compute_loss(loss_name, logps[:B], logps[B:], rc, rr, 0.1)
+        saved[0], saved[1] = 0, set()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            with autocast:
+                logps = precompute.sequence_logps(model, input_ids, attention_mask, response_mask)  # (2B,)
+            rc, rr = refs[:K, :B], refs[:K, B:]  # (K, B)
+            losses, _, _ = mrpo.compute_loss(loss_name, logps[:B], logps[B:], rc, rr, 0.1)
         losses.mean().backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
@@ -120,32 +134,54 @@ def main():
         sampler.join()
         return seconds, max(peak[0], rss()) - base
 
+    def loss_only(loss_name, K, repeats=200):
+        """Seconds of the loss alone (forward + backward on (B,) policy and (K, B) reference log-probs)."""
+        pc = refs[0, :B].clone().requires_grad_()
+        pr = refs[0, B:].clone().requires_grad_()
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            losses, _, _ = mrpo.compute_loss(loss_name, pc, pr, refs[:K, :B], refs[:K, B:], 0.1)
+            losses.mean().backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return (time.perf_counter() - t0) / repeats
+
     configs = [("dpo", 1)] + [("mrpo", K) for K in args.ks]
     for loss_name, K in configs:  # warmup
         measured(loss_name, K)
     times = {c: [] for c in configs}
     memory = {c: 0 for c in configs}
+    saved_bytes = {c: 0 for c in configs}
     from tqdm import tqdm
     for _ in tqdm(range(args.rounds), desc="rounds", dynamic_ncols=True):
         for c in configs:
             seconds, peak = measured(*c)
             times[c].append(seconds)
             memory[c] = max(memory[c], peak)
+            saved_bytes[c] = max(saved_bytes[c], saved[0])
+    loss_seconds = {c: loss_only(*c) for c in configs}
 
     tokens = int(attention_mask.sum())
     dpo_time, dpo_mem = statistics.median(times[("dpo", 1)]), memory[("dpo", 1)]
     print(f"{args.model} {args.dtype}{' 4-bit' if args.load_in_4bit else ''} + LoRA r={args.lora_r} on {device}, "
           f"batch {B} pairs ({2 * B} sequences, {tokens} tokens, T={input_ids.shape[1]}), "
           f"median of {args.rounds} steps")
-    print(f"{'loss':<10} {'step s':>8} {'time/DPO':>9} {'peak MiB':>9} {'mem/DPO':>8}")
-    for (loss_name, K) in configs:
-        t, m = statistics.median(times[(loss_name, K)]), memory[(loss_name, K)]
-        name = "dpo" if loss_name == "dpo" else f"mrpo K={K}"
-        print(f"{name:<10} {t:8.3f} {t / dpo_time:9.3f} {m / 2**20:9.1f} {m / max(dpo_mem, 1):8.3f}")
+    dpo_saved, dpo_loss = saved_bytes[("dpo", 1)], loss_seconds[("dpo", 1)]
+    peak_name = "peak MiB" if device.type == "cuda" else "peak RSS MiB"
+    print(f"{'loss':<10} {'step s':>7} {'min-max s':>13} {'time/DPO':>8} {'saved MiB':>9} {'saved/DPO':>9} "
+          f"{peak_name:>12} {'mem/DPO':>7} {'loss ms':>7} {'loss/step':>9}")
+    for c in configs:
+        t, m, sv, ls = statistics.median(times[c]), memory[c], saved_bytes[c], loss_seconds[c]
+        name = "dpo" if c[0] == "dpo" else f"mrpo K={c[1]}"
+        print(f"{name:<10} {t:7.3f} {min(times[c]):6.2f}-{max(times[c]):<6.2f} {t / dpo_time:8.3f} "
+              f"{sv / 2**20:9.1f} {sv / max(dpo_saved, 1):9.4f} {m / 2**20:12.1f} {m / max(dpo_mem, 1):7.3f} "
+              f"{ls * 1e3:7.3f} {ls / t:9.1e}")
     worst = max(statistics.median(times[c]) for c in configs[1:]) / dpo_time
-    spread = max(memory[c] for c in configs[1:]) / max(1, min(memory[c] for c in configs[1:]))
-    print(f"bench_train: worst MRPO/DPO step time {worst:.3f} (goal <= 1.02); MRPO peak memory max/min over K "
-          f"{spread:.3f} (goal: independent of K)")
+    extra = max(loss_seconds[c] for c in configs[1:]) - dpo_loss
+    saved_spread = max(saved_bytes[c] for c in configs) / max(1, min(saved_bytes[c] for c in configs))
+    print(f"bench_train: worst MRPO/DPO median step time {worst:.3f} (goal <= 1.02); the loss itself adds at most "
+          f"{extra * 1e3:.3f} ms = {extra / dpo_time:.1e} of a DPO step; memory saved for backward max/min over "
+          f"DPO and all K {saved_spread:.4f} (goal: independent of K)")
 
 
 if __name__ == "__main__":
