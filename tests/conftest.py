@@ -4,7 +4,10 @@ The models come from PyPI packages (no hub). The first load converts each GGUF f
 $MRPO_CACHE (default ~/.cache/mrpo), about 30 s for SmolLM2 and 90 s for Gemma; later loads take seconds.
 """
 
+import hashlib
+import json
 import os
+import subprocess
 import sys
 
 import pytest
@@ -31,3 +34,24 @@ def gemma3():
 def pairs_small():
     """The first 8 pairs of the bundled training set (plain strings)."""
     return precompute.read_pairs(os.path.join(ROOT, "data", "train.jsonl"))[:8]
+
+
+@pytest.fixture(scope="session")
+def reference_cache():
+    """A function rows -> (data path, cache path): the rows as JSONL and their reference cache, made by
+    `python precompute.py` (default references, fp32) and kept under $MRPO_CACHE/test-refs/, keyed by the rows and by
+    precompute.py's source, so later sessions and the other test modules reuse it."""
+    def make(rows):
+        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+        source = open(os.path.join(ROOT, "precompute.py"), "rb").read()
+        key = hashlib.sha256(text.encode() + source).hexdigest()[:16]
+        directory = os.path.join(precompute.default_cache_dir(), "test-refs", key)
+        data, cache = os.path.join(directory, "pairs.jsonl"), os.path.join(directory, "refs.safetensors")
+        if not os.path.isfile(cache):
+            os.makedirs(directory, exist_ok=True)
+            with open(data, "w", encoding="utf-8") as f:
+                f.write(text)
+            subprocess.run([sys.executable, "precompute.py", "--data", data, "--out", cache], cwd=ROOT, check=True,
+                           capture_output=True, text=True)
+        return data, cache
+    return make

@@ -2,11 +2,10 @@
 against an independent computation in the test, plus --generate and bad input.
 
 The adapter is made here with peft (random LoRA weights on SmolLM2), not by train.py, so these tests do not depend on
-training. The reference cache is made with precompute.py's command line and cached like in tests/test_train.py.
+training. The reference cache is made with precompute.py's command line and cached (conftest.py's reference_cache).
 """
 
 import copy
-import hashlib
 import json
 import os
 import subprocess
@@ -23,25 +22,9 @@ TRAIN = os.path.join(ROOT, "data", "train.jsonl")
 BETA = 0.1
 
 
-def reference_cache(rows):
-    """(data path, cache path) for these rows, via `python precompute.py` (default references, fp32), cached under
-    $MRPO_CACHE/test-refs/ keyed by the data and precompute.py's source."""
-    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-    source = open(os.path.join(ROOT, "precompute.py"), "rb").read()
-    key = hashlib.sha256(text.encode() + source).hexdigest()[:16]
-    directory = os.path.join(precompute.default_cache_dir(), "test-refs", key)
-    data, cache = os.path.join(directory, "pairs.jsonl"), os.path.join(directory, "refs.safetensors")
-    if not os.path.isfile(cache):
-        os.makedirs(directory, exist_ok=True)
-        with open(data, "w", encoding="utf-8") as f:
-            f.write(text)
-        subprocess.run([sys.executable, "precompute.py", "--data", data, "--out", cache], cwd=ROOT, check=True,
-                       capture_output=True, text=True)
-    return data, cache
-
 
 @pytest.fixture(scope="module")
-def setup(smollm2, tmp_path_factory):
+def setup(smollm2, reference_cache, tmp_path_factory):
     """6 bundled pairs, their cache, and a random LoRA adapter saved in peft's format, with its policy log-probs."""
     from peft import LoraConfig, get_peft_model
     data, cache = reference_cache(precompute.read_pairs(TRAIN)[10:16])

@@ -2,12 +2,11 @@
 LoRA gradient check, a NaN stop, and bad input.
 
 The runs use SmolLM2 (reference 1, the policy) and Gemma 3 (reference 2) on a handful of bundled pairs. The reference
-cache is made once with precompute.py's command line and kept under $MRPO_CACHE/test-refs/, keyed by the data and by
-precompute.py's source, so later sessions (and tests/test_eval.py) reuse it.
+cache is made once with precompute.py's command line and kept under $MRPO_CACHE/test-refs/ (conftest.py's
+reference_cache fixture).
 """
 
 import copy
-import hashlib
 import json
 import os
 import runpy
@@ -26,24 +25,9 @@ TRAIN = os.path.join(ROOT, "data", "train.jsonl")
 TIMING = ("tokens/s", "step_time")  # the only fields allowed to differ between two identical runs
 
 
-def reference_cache(rows):
-    """(data path, cache path) for these rows, via `python precompute.py` (default references, fp32), cached."""
-    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-    source = open(os.path.join(ROOT, "precompute.py"), "rb").read()
-    key = hashlib.sha256(text.encode() + source).hexdigest()[:16]
-    directory = os.path.join(precompute.default_cache_dir(), "test-refs", key)
-    data, cache = os.path.join(directory, "pairs.jsonl"), os.path.join(directory, "refs.safetensors")
-    if not os.path.isfile(cache):
-        os.makedirs(directory, exist_ok=True)
-        with open(data, "w", encoding="utf-8") as f:
-            f.write(text)
-        subprocess.run([sys.executable, "precompute.py", "--data", data, "--out", cache], cwd=ROOT, check=True,
-                       capture_output=True, text=True)
-    return data, cache
-
 
 @pytest.fixture(scope="module")
-def easy():
+def easy(reference_cache):
     """8 helpful-vs-evasive pairs of the bundled training set (the easiest kind) and their reference cache."""
     evasions = {" " + e for e in runpy.run_path(os.path.join(ROOT, "data", "make_pairs.py"))["EVASIONS"]}
     rows = [p for p in precompute.read_pairs(TRAIN) if p["rejected"] in evasions][:8]
