@@ -1,8 +1,9 @@
-# The two commands of the README: `make demo` and `make test`. Each builds .venv/ on first use.
+# The two commands of the README, `make demo` and `make test`, plus `make notebook` (re-execute tutorial.ipynb in
+# place, to commit it with fresh outputs). Each builds .venv/ on first use.
 PY := .venv/bin/python
 STAMP := .venv/.installed
 
-.PHONY: demo test bench
+.PHONY: demo test notebook
 
 $(STAMP): requirements.txt requirements-models.txt
 	python3 -m venv .venv
@@ -15,3 +16,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# Runs every cell in a fresh kernel of the venv's Python (PATH puts .venv/bin first), then replaces the file.
+notebook: $(STAMP)
+	PATH="$(CURDIR)/.venv/bin:$$PATH" $(PY) -c "import os, nbformat, nbclient; \
+	nb = nbformat.read('tutorial.ipynb', as_version=4); \
+	nbclient.NotebookClient(nb, kernel_name='python3', timeout=1800).execute(); \
+	nbformat.write(nb, 'tutorial.ipynb.tmp'); os.replace('tutorial.ipynb.tmp', 'tutorial.ipynb')"
