@@ -400,7 +400,7 @@ print(f"train.py: {args.loss} on {N} pairs, K={K} references ({', '.join(r['name
 model.train()
 if step == 0 and args.eval_every:
     log({"step": 0, **evaluate()})
-t_start, start_step, first = time.time(), step, step == 0
+t_start, start_step = time.time(), step
 last_saved = None
 bar = tqdm(total=total_steps, initial=step, desc=args.loss, unit="step", dynamic_ncols=True)
 while step < total_steps:
@@ -422,7 +422,7 @@ while step < total_steps:
                   f"--grad-clip on, or check those rows and the cache; resume with --resume", file=sys.stderr)
             sys.exit(1)
         loss.backward()
-        if first and m == 0:  # at step 0 the policy IS reference 1: its log-probs must match the cache
+        if step == 0 and m == 0:  # at step 0 the policy IS reference 1: its log-probs must match the cache
             diff = max(float((pc.float().cpu() - ref_chosen_logps[0, idx[:micro]]).abs().max()),
                        float((pr.float().cpu() - ref_rejected_logps[0, idx[:micro]]).abs().max()))
             tol = 1e-3 if args.dtype == "fp32" and not args.load_in_4bit else 0.5
@@ -448,7 +448,6 @@ while step < total_steps:
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     step += 1
-    first = False
     dt = time.time() - t0
     record = {"step": step, "epoch": round(step / steps_per_epoch, 4),
               **{k: v / len(idx) for k, v in totals.items()}, "lr": lr, "grad_norm": float(grad_norm),
