@@ -49,6 +49,20 @@ Where this code departs from the paper or from the authors' code (github.com/tha
   J(rejected) >= J(chosen) (resp. <=) proven in ``prop2_bound`` below; CTRO bounds how far it can fail.
 - Non-finite reference log-probs are rejected with ValueError (a reference that assigns -inf to a response gives
   a virtual reference of -inf and a loss of nan or 0); they are a data problem, not a training state.
+
+Weighting strategies beyond ARWC
+--------------------------------
+ARWC (Eq. 10) weights each pair from the references' margins on that same pair, so a pair's weight depends on the
+pair it is trained on. The follow-up study of Echarghaoui and Wu, "Intelligently Weighting Multiple Reference
+Models for Direct Preference Optimization of LLMs" (https://arxiv.org/abs/2512.10040), proposes four weightings
+that do not; they are in the last section of this file, each giving alpha (K,) for the losses above:
+- VDW (vdw_weights): ARWC's confidence |m_k| summed over a held-out validation set; fixed before training.
+- VAW (vaw_weights): each reference's preference accuracy on the validation set; fixed before training.
+- SWCW (SlidingWindowWeights): the confidence pooled over the previous W training batches, never the current one.
+- TSW (ThompsonSamplingWeights): a Beta-Bernoulli bandit picks one reference per step, rewarded when held-out
+  accuracy rises after the step.
+VDW and VAW use validation pairs (VAW their labels), SWCW uses past batches, TSW uses held-out accuracy. Edge cases
+(every margin 0, a reference right on no pair, ties) are our choices, stated in each docstring.
 """
 
 import math
@@ -318,3 +332,196 @@ def prop2_bound(ref_chosen_logps, ref_rejected_logps, alpha):
     Returns J(b) - J(a), (B,): the exact shift d_tilde - sum_k alpha_k d_k, divided by beta.
     """
     return jensen_gap(-ref_rejected_logps, alpha) - jensen_gap(-ref_chosen_logps, alpha)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Weighting strategies beyond ARWC (Echarghaoui and Wu, arXiv:2512.10040): weights that never see the pair's labels
+#
+# m_k = log pi_k(y_w|x) - log pi_k(y_l|x) is reference k's margin on a pair. VDW and VAW fix alpha (K,) once, from M
+# held-out validation pairs; SWCW sets it for each step from the batches already trained on; TSW picks one reference
+# per step as a K-armed bandit. Every alpha below is (K,), non-negative, sums to 1, and plugs into mrpo_loss,
+# multi_dpo_loss and mean_ref_loss as their alpha. alpha_k = 0 drops reference k from the virtual reference exactly
+# (log 0 = -inf inside the logsumexp of Prop. 1), so the result is the virtual reference of the others.
+
+
+def _margins(ref_chosen_logps, ref_rejected_logps):
+    """m_k = log pi_k(y_w|x) - log pi_k(y_l|x): (K, N) -> (K, N), float64 on the CPU (sums over many pairs)."""
+    return ref_chosen_logps.detach().to("cpu", torch.float64) - ref_rejected_logps.detach().to("cpu", torch.float64)
+
+
+def _validation_margins(val_chosen_logps, val_rejected_logps):
+    """(K, M) reference log-probs on M >= 1 validation pairs -> margins (K, M)."""
+    _check_refs(val_chosen_logps, val_rejected_logps)
+    if val_chosen_logps.shape[1] == 0:
+        raise ValueError("no validation pairs (M = 0): VDW and VAW need the references' log-probs on at least one "
+                         "held-out pair; give (K, M) tensors with M >= 1")
+    return _margins(val_chosen_logps, val_rejected_logps)
+
+
+def _normalise(scores):
+    """Scores (K,) >= 0 -> weights (K,) summing to 1; all-zero scores (nothing to prefer) -> uniform 1/K."""
+    total = scores.sum()
+    if total > 0:
+        return scores / total
+    return torch.full_like(scores, 1.0 / scores.shape[0])
+
+
+@torch.no_grad()
+def vdw_weights(val_chosen_logps, val_rejected_logps):
+    r"""Validation-set discrimination weighting (VDW, arXiv:2512.10040): ARWC's confidence, summed over a held-out set.
+
+    .. math::
+        \alpha_k = \frac{\sum_{i=1}^{M} \big|m_k^{(i)}\big|}{\sum_{j=1}^{K} \sum_{i=1}^{M} \big|m_j^{(i)}\big|},
+        \qquad m_k^{(i)} = \log\pi_{ref}^k(y_w^{(i)}|x^{(i)}) - \log\pi_{ref}^k(y_l^{(i)}|x^{(i)})
+
+    val_chosen_logps, val_rejected_logps: (K, M) RAW reference log-probs on M validation pairs, never the training
+    pairs. Returns alpha (K,), fixed for the whole run, in the inputs' dtype and device. M = 1 gives ARWC (Eq. 10) on
+    that pair. Every margin exactly 0: uniform 1/K. Scaling all log-probs by c > 0 changes nothing; scaling reference
+    k's alone scales its unnormalised weight by c (the weight rewards large margins, right or wrong: it ignores the
+    labels' direction, like ARWC).
+    """
+    margins = _validation_margins(val_chosen_logps, val_rejected_logps)  # (K, M)
+    alpha = _normalise(margins.abs().sum(1))  # VDW, (K,)
+    return alpha.to(device=val_chosen_logps.device, dtype=val_chosen_logps.dtype)
+
+
+@torch.no_grad()
+def vaw_weights(val_chosen_logps, val_rejected_logps):
+    r"""Validation-set accuracy weighting (VAW, arXiv:2512.10040): each reference's preference accuracy, normalised.
+
+    .. math::
+        \alpha_k = \frac{n_k}{\sum_{j=1}^{K} n_j}, \qquad n_k = \#\{i : m_k^{(i)} > 0\}
+
+    val_chosen_logps, val_rejected_logps: (K, M) reference log-probs on M validation pairs. Returns alpha (K,), fixed
+    for the whole run, in the inputs' dtype and device. A tie (m_k = 0) counts as wrong. A reference right on no
+    validation pair gets alpha_k = 0, which drops it from the virtual reference (and from Multi-DPO's sum). If NO
+    reference is right on any pair, every n_k = 0 and alpha is uniform 1/K: there is nothing to prefer one reference
+    over another, but every reference preferring the rejected responses usually means the validation labels or the
+    cache are swapped. Invariant to any per-reference rescaling of the log-probs by c > 0 (only signs count).
+    """
+    margins = _validation_margins(val_chosen_logps, val_rejected_logps)  # (K, M)
+    alpha = _normalise((margins > 0).sum(1).to(torch.float64))  # VAW, (K,)
+    return alpha.to(device=val_chosen_logps.device, dtype=val_chosen_logps.dtype)
+
+
+class SlidingWindowWeights:
+    r"""Sliding-window confidence weighting (SWCW, arXiv:2512.10040): ARWC's confidence pooled over the last W batches.
+
+    .. math::
+        c_k^{(t)} = \frac{1}{N_t} \sum_{s=t-W}^{t-1} \sum_{i \in \text{batch } s} \big|m_k^{(i)}\big|,
+        \qquad \alpha_k^{(t)} = \frac{c_k^{(t)}}{\sum_{j=1}^{K} c_j^{(t)}}
+
+    where N_t counts the pairs in batches t-W .. t-1. The weights for step t come only from batches already trained
+    on, never from batch t, so a pair's weight cannot depend on that pair (ARWC's Eq. 10 uses the pair itself).
+    Pairs are pooled (a batch of 2B pairs counts twice a batch of B); N_t cancels in alpha, it makes c_k the mean
+    confidence per pair, worth logging. Before any update, or if every pooled margin is 0: uniform 1/K.
+
+    Use, per optimizer step:  alpha = sw.alpha();  loss with alpha on batch t;  sw.update(ref_chosen_t, ref_rejected_t).
+    state_dict() is plain Python (torch.save(..., weights_only=True) accepts it) so a checkpoint resumes exactly.
+    """
+
+    def __init__(self, K, window=1):
+        if K < 1 or window < 1:
+            raise ValueError(f"SlidingWindowWeights needs K >= 1 references and window >= 1 batches, "
+                             f"got K={K}, window={window}")
+        self.K, self.window = K, window
+        self.sums = []  # per batch, oldest first, the last `window` only: [sum_i |m_1(i)|, ..., sum_i |m_K(i)|]
+        self.counts = []  # per batch: its number of pairs
+
+    def confidence(self):
+        """c_k: mean |m_k| per pair over the window, (K,) float64; zeros before any update."""
+        if sum(self.counts) == 0:
+            return torch.zeros(self.K, dtype=torch.float64)
+        return torch.tensor(self.sums, dtype=torch.float64).sum(0) / sum(self.counts)  # (K,)
+
+    def alpha(self, dtype=torch.float32):
+        """alpha (K,) for the coming step, from the batches already passed to update()."""
+        return _normalise(self.confidence()).to(dtype)  # SWCW
+
+    @torch.no_grad()
+    def update(self, ref_chosen_logps, ref_rejected_logps):
+        """Record a batch AFTER its step: (K, B) RAW reference log-probs. Keeps the last `window` batches."""
+        K = _check_refs(ref_chosen_logps, ref_rejected_logps)
+        if K != self.K:
+            raise ValueError(f"SlidingWindowWeights was built for K={self.K} references but this batch has K={K}")
+        margins = _margins(ref_chosen_logps, ref_rejected_logps)  # (K, B)
+        self.sums.append(margins.abs().sum(1).tolist())  # (K,) as floats
+        self.counts.append(margins.shape[1])
+        del self.sums[:-self.window], self.counts[:-self.window]
+
+    def state_dict(self):
+        return {"K": self.K, "window": self.window, "sums": [list(s) for s in self.sums], "counts": list(self.counts)}
+
+    def load_state_dict(self, state):
+        if (state["K"], state["window"]) != (self.K, self.window):
+            raise ValueError(f"the checkpoint's sliding window has K={state['K']}, window={state['window']} but this "
+                             f"run has K={self.K}, window={self.window}; resume with the same references and window")
+        self.sums, self.counts = [list(s) for s in state["sums"]], list(state["counts"])
+
+
+class ThompsonSamplingWeights:
+    r"""Thompson-sampling weighting (TSW, arXiv:2512.10040): reference choice as a K-armed Bernoulli bandit.
+
+    .. math::
+        \theta_k \sim \mathrm{Beta}(a_k, b_k), \quad k^* = \arg\max_k \theta_k, \quad \alpha = e_{k^*};
+        \qquad a_{k^*} \mathrel{+}= r, \quad b_{k^*} \mathrel{+}= 1 - r
+
+    Each reference k has a Beta(a_k, b_k) posterior on "a step against k helps", starting from the prior (a0, b0)
+    (default Beta(5, 5), mean 1/2). Each step: choose() samples every posterior and returns the arg-max k* with the
+    one-hot alpha e_{k*} (K,); the trainer runs single-reference DPO against k* (dpo_loss on row k*, which equals
+    mrpo_loss with alpha = e_{k*} and clip=False); then update(k*, reward) with reward = 1 if held-out preference
+    accuracy on a random validation subset rose after the step (strictly), else 0.
+
+    Sampling uses only this object's torch.Generator: a seed drawn from it drives torch.distributions.Beta inside
+    torch.random.fork_rng, so the global CPU RNG (dropout, shuffling) is left as it was, and state_dict() (the
+    counts and the generator state, which torch.save(..., weights_only=True) accepts) resumes the exact sequence
+    of choices. Exactness holds within one torch version (its Beta sampler may change between versions).
+    """
+
+    def __init__(self, K, prior=(5.0, 5.0), seed=0):
+        a0, b0 = (float(p) for p in prior)
+        if K < 1 or not (a0 > 0 and b0 > 0):
+            raise ValueError(f"ThompsonSamplingWeights needs K >= 1 and a Beta prior with both parameters > 0, "
+                             f"got K={K}, prior={tuple(prior)}")
+        self.K, self.prior = K, (a0, b0)
+        self.a, self.b = [a0] * K, [b0] * K  # posterior Beta(a_k, b_k) per reference
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def sample(self):
+        """theta_k ~ Beta(a_k, b_k), (K,) float64, driven by this object's generator only."""
+        seed = int(torch.randint(0, 2**62, (), generator=self.generator))
+        with torch.random.fork_rng(devices=[]):  # restore the global CPU RNG afterwards; CUDA RNGs are not touched
+            torch.default_generator.manual_seed(seed)
+            a, b = torch.tensor(self.a, dtype=torch.float64), torch.tensor(self.b, dtype=torch.float64)
+            return torch.distributions.Beta(a, b).sample()
+
+    def choose(self, dtype=torch.float32):
+        """-> (k*, alpha): the reference to train against this step and its one-hot weights (K,)."""
+        k = int(self.sample().argmax())  # TSW
+        return k, F.one_hot(torch.tensor(k), self.K).to(dtype)
+
+    def update(self, k, reward):
+        """Bernoulli reward for the reference chosen this step: success adds 1 to a_k, failure 1 to b_k."""
+        if not 0 <= int(k) < self.K or reward not in (True, False):
+            raise ValueError(f"update(k, reward) needs 0 <= k < K={self.K} and a bool (or 0/1) reward, "
+                             f"got k={k!r}, reward={reward!r}")
+        if reward:
+            self.a[int(k)] += 1.0
+        else:
+            self.b[int(k)] += 1.0
+
+    def posterior_mean(self):
+        """E[theta_k] = a_k / (a_k + b_k), (K,) float64: each reference's estimated chance of helping a step."""
+        a, b = torch.tensor(self.a, dtype=torch.float64), torch.tensor(self.b, dtype=torch.float64)
+        return a / (a + b)
+
+    def state_dict(self):
+        return {"K": self.K, "prior": self.prior, "a": list(self.a), "b": list(self.b),
+                "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state):
+        if (state["K"], tuple(state["prior"])) != (self.K, self.prior):
+            raise ValueError(f"the checkpoint's Thompson sampler has K={state['K']}, prior={tuple(state['prior'])} but "
+                             f"this run has K={self.K}, prior={self.prior}; resume with the same references and prior")
+        self.a, self.b = list(state["a"]), list(state["b"])
+        self.generator.set_state(state["generator"])
