@@ -335,13 +335,16 @@ def prop2_bound(ref_chosen_logps, ref_rejected_logps, alpha):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Weighting strategies beyond ARWC (Echarghaoui and Wu, arXiv:2512.10040): weights that never see the pair's labels
+# Weighting strategies beyond ARWC (Echarghaoui and Wu, arXiv:2512.10040): weights that never look at the pair
+# being trained on
 #
 # m_k = log pi_k(y_w|x) - log pi_k(y_l|x) is reference k's margin on a pair. VDW and VAW fix alpha (K,) once, from M
 # held-out validation pairs; SWCW sets it for each step from the batches already trained on; TSW picks one reference
 # per step as a K-armed bandit. Every alpha below is (K,), non-negative, sums to 1, and plugs into mrpo_loss,
 # multi_dpo_loss and mean_ref_loss as their alpha. alpha_k = 0 drops reference k from the virtual reference exactly
-# (log 0 = -inf inside the logsumexp of Prop. 1), so the result is the virtual reference of the others.
+# (log 0 = -inf inside the logsumexp of Prop. 1), so the result is the virtual reference of the others. With CTRO's
+# adaptive eps (Eq. 9) a zero-weighted reference k > 1 still counts in the log-prob mass that sets eps; to drop it
+# from the loss entirely, pass a fixed eps (or clip=False), or leave its row out of the tensors.
 
 
 def _margins(ref_chosen_logps, ref_rejected_logps):
@@ -394,10 +397,11 @@ def vaw_weights(val_chosen_logps, val_rejected_logps):
 
     val_chosen_logps, val_rejected_logps: (K, M) reference log-probs on M validation pairs. Returns alpha (K,), fixed
     for the whole run, in the inputs' dtype and device. A tie (m_k = 0) counts as wrong. A reference right on no
-    validation pair gets alpha_k = 0, which drops it from the virtual reference (and from Multi-DPO's sum). If NO
-    reference is right on any pair, every n_k = 0 and alpha is uniform 1/K: there is nothing to prefer one reference
-    over another, but every reference preferring the rejected responses usually means the validation labels or the
-    cache are swapped. Invariant to any per-reference rescaling of the log-probs by c > 0 (only signs count).
+    validation pair gets alpha_k = 0, which drops it from the virtual reference and from Multi-DPO's sum (but not
+    from Eq. 9's adaptive eps; see the note above this section). If NO reference is right on any pair, every n_k = 0
+    and alpha is uniform 1/K: there is nothing to prefer one reference over another, but every reference preferring
+    the rejected responses usually means the validation labels or the cache are swapped. Invariant to any
+    per-reference rescaling of the log-probs by c > 0 (only signs count).
     """
     margins = _validation_margins(val_chosen_logps, val_rejected_logps)  # (K, M)
     alpha = _normalise((margins > 0).sum(1).to(torch.float64))  # VAW, (K,)
