@@ -23,34 +23,45 @@ uninterrupted run writes. OUT.partial/ is removed once OUT is written.
 
 How a reference sees the text
 -----------------------------
-Each reference formats and tokenizes the pair itself, with its own tokenizer and its own chat template; the
-references may differ in architecture, vocabulary and template. Only response tokens are scored.
+Each reference formats and tokenizes the pair itself, with its own tokenizer and its own chat format; the
+references may differ in architecture, vocabulary and template. Only response tokens are scored, and they are
+exactly the tokens the model sees in the whole conversation: we tokenize the conversation once, as the model's own
+chat format produces it, and find where the prompt's tokens end. (Tokenizing the prompt and the response apart and
+concatenating them gives other tokens with SentencePiece tokenizers: Mistral-7B's tokenizes "4, of course." alone as
+'▁' '4' ..., but after "[/INST]" in the conversation as '4' ...; the model never saw the former sequence.)
 
 * Models with a chat template (e.g. SmolLM2-Instruct). A plain-string row becomes the messages
-  [{"role": "user", "content": prompt}] and [{"role": "assistant", "content": response}]. We render
-  (a) the prompt alone with add_generation_prompt=True and (b) the whole conversation, check that (a) is a prefix of
-  (b) (templates that rewrite earlier turns once an answer follows are refused with an error), and take the
-  completion text = (b)[len(a):]. The completion is cut right after the last end-of-sequence token it contains
-  (ChatML ends a turn with "<|im_end|>\\n": the "\\n" is template filler, not the answer); if it contains none,
-  trailing whitespace is dropped and the EOS id appended. The two texts are tokenized *separately*, without added
-  special tokens (the template already has them), and concatenated: ids = tok(a) + tok(completion), start =
-  len(tok(a)). We tokenize separately rather than tokenizing (b) once and locating the boundary by character
-  offsets because (1) this is exactly what the model sees when it answers: it is given the tokens of the generation
-  prompt and produces the response tokens after them, so the scores are log-probs of sequences it could generate;
-  (2) the boundary is exact by construction, with no token straddling it (a BPE merge across the boundary would
-  force us to assign a token half to the prompt, half to the response) and no need for offset mappings, which slow
-  tokenizers lack. The DPO reference code and TRL tokenize prompt and response separately too.
-* Models without a chat template (e.g. the Gemma 3 270M base model): ids = [BOS] + tok(prompt) and then
-  tok(response) + [EOS], again tokenized separately. BOS is added when the tokenizer adds one by itself (Gemma does,
-  and its log-probs are badly off without it). The prompt and response are joined exactly as written, as TRL does,
-  so a prompt should end where an answer begins (the bundled data uses "Question: ...\\nAnswer:" and responses that
-  start with a space). Conversational rows are rendered for such models as "User: ...\\nAssistant:" lines.
+  [{"role": "user", "content": prompt}] and [{"role": "assistant", "content": response}]. Then
+
+      prompt_ids = apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
+      full_ids   = apply_chat_template(prompt + response, tokenize=True)
+      start      = length of the longest common prefix of prompt_ids and full_ids   (normally len(prompt_ids))
+
+  and the sequence scored is full_ids, from start on. The completion full_ids[start:] is cut right after its LAST
+  special token, the template's end of turn (<|im_end|> for ChatML, <end_of_turn> for Gemma, <|eot_id|> for
+  Llama 3, </s> for Mistral); what the template writes after it (ChatML's "\\n") is filler, not the answer, and is not
+  scored. "Special" means the tokenizer's special tokens and every added token flagged special. A completion with no
+  special token (a template that does not close the turn) gets the EOS id appended; an EOS is never added on top of
+  an end-of-turn token. Templates that render the earlier turns differently once an answer follows are refused with
+  an error; the test is on the rendered text (tokenize=False): the prompt's rendering must be a prefix of the whole
+  conversation's rendering. Text that agrees up to the boundary can still tokenize differently there (next point).
+* Models without a chat template (e.g. the Gemma 3 270M base model): the same with the plain texts,
+  full_ids = [BOS] + tok(prompt + response), prompt_ids = [BOS] + tok(prompt), start = their common prefix, then the
+  EOS id appended. BOS is added when the tokenizer adds one by itself (Gemma does, and its log-probs are badly off
+  without it). The prompt and response are joined exactly as written, as TRL does, so a prompt should end where an
+  answer begins (the bundled data uses "Question: ...\\nAnswer:" and responses that start with a space).
+  Conversational rows are rendered for such models as "User: ...\\nAssistant:" lines.
+* A token that straddles the boundary (a BPE merge across it: a prompt ending in "\\n" and a response starting with
+  "\\n" may give one "\\n\\n" token) belongs to the response: prompt_ids is then not a prefix of full_ids, and from the
+  first token where they differ on, everything is scored, so a few prompt characters are scored with the response.
+  We keep the model's own tokens rather than splitting a token it never splits. Such rows are counted per
+  reference ("straddled_rows" in the cache) and reported.
 
 Truncation follows the DPO reference code: when prompt + response is longer than --max-length tokens, keep the END
 of the prompt (at most --max-prompt-length tokens; a leading BOS is kept), then the START of the response, as much
-as fits (so a truncated response loses its EOS). Departure: the DPO code decides this once per pair from the longer
-response; here it is decided per response, so that encode() is a function of one (prompt, response) and training
-re-encodes exactly what was scored. Truncated rows are counted and reported.
+as fits (so a truncated response loses its end of turn). Departure: the DPO code decides this once per pair from
+the longer response; here it is decided per response, so that encode() is a function of one (prompt, response) and
+training re-encodes exactly what was scored. Truncated rows are counted and reported.
 
 Padding: sequences of both responses of all pairs are sorted by length and batched (length_batches), right-padded;
 padding is found from the lengths only, never from pad_token_id (SmolLM2 uses one id for pad and EOS).
@@ -60,6 +71,7 @@ Shapes: B sequences in a batch, T tokens, V vocabulary, K references, N pairs.
 """
 
 import argparse
+import functools
 import hashlib
 import importlib.util
 import inspect
@@ -376,6 +388,7 @@ class Encoded(NamedTuple):
     ids: list  # token ids, prompt then response
     start: int  # ids[start:] are the scored response tokens
     truncated: bool  # the prompt or the response was cut to fit max_length
+    straddled: bool = False  # a token straddles the prompt/response boundary and was scored with the response
 
 
 def _adds_bos(tokenizer):
@@ -383,12 +396,31 @@ def _adds_bos(tokenizer):
     return bos is not None and tokenizer("a").input_ids[:1] == [bos]
 
 
+@functools.lru_cache(maxsize=8)
+def _special_ids_of(tokenizer, vocab_size):
+    return frozenset(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+
+
+def _special_ids(tokenizer):
+    """Ids of the special tokens: bos/eos/unk/pad/... and every added token flagged special (Llama 3's <|eot_id|>,
+    Gemma's <end_of_turn>). Cached per tokenizer and size, since Gemma's 6k added tokens take 40 ms to list."""
+    return _special_ids_of(tokenizer, len(tokenizer))
+
+
+def _common_prefix(a, b):
+    """Length of the longest common prefix of two lists."""
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
 def _as_messages(text, role):
     return [{"role": role, "content": text}] if isinstance(text, str) else text
 
 
-def _chat_texts(tokenizer, prompt, response):
-    """Render (prompt text, completion text) with the tokenizer's chat template; see the module docstring."""
+def _chat_ids(tokenizer, prompt, response):
+    """(ids, start) of the whole conversation under the tokenizer's chat template; see the module docstring."""
     prompt_msgs, response_msgs = _as_messages(prompt, "user"), _as_messages(response, "assistant")
     prompt_text = tokenizer.apply_chat_template(prompt_msgs, tokenize=False, add_generation_prompt=True)
     full_text = tokenizer.apply_chat_template(prompt_msgs + response_msgs, tokenize=False)
@@ -396,11 +428,16 @@ def _chat_texts(tokenizer, prompt, response):
         raise ValueError(f"the chat template of {tokenizer.name_or_path} renders the prompt differently once an "
                          f"answer follows, so prompt and response cannot be split; prompt render ends "
                          f"{prompt_text[-60:]!r}, full render has {full_text[len(prompt_text) - 60:][:80]!r}")
-    completion = full_text[len(prompt_text):]
-    eos = tokenizer.eos_token
-    if eos and eos in completion:
-        return prompt_text, completion[:completion.rindex(eos) + len(eos)], False
-    return prompt_text, completion.rstrip(), True
+    prompt_ids = list(tokenizer.apply_chat_template(prompt_msgs, tokenize=True, add_generation_prompt=True,
+                                                    return_dict=False))
+    full_ids = list(tokenizer.apply_chat_template(prompt_msgs + response_msgs, tokenize=True, return_dict=False))
+    start = _common_prefix(prompt_ids, full_ids)
+    specials = _special_ids(tokenizer)
+    ends = [t for t in range(start, len(full_ids)) if full_ids[t] in specials]
+    if ends:  # cut after the template's end of turn: what follows it is filler
+        return full_ids[:ends[-1] + 1], start, start < len(prompt_ids)
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    return full_ids + eos, start, start < len(prompt_ids)  # a template that does not close the turn
 
 
 def _plain_texts(prompt, response):
@@ -411,26 +448,32 @@ def _plain_texts(prompt, response):
     return prompt_text, " " + "\n".join(m["content"] for m in response)
 
 
+def _plain_ids(tokenizer, prompt, response):
+    """(ids, start) of [BOS] + prompt + response + [EOS] for models without a chat template."""
+    prompt_text, response_text = _plain_texts(prompt, response)
+    bos = [tokenizer.bos_token_id] if _adds_bos(tokenizer) else []
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    prompt_ids = bos + tokenizer(prompt_text, add_special_tokens=False).input_ids
+    full_ids = bos + tokenizer(prompt_text + response_text, add_special_tokens=False).input_ids
+    start = _common_prefix(prompt_ids, full_ids)
+    return full_ids + eos, start, start < len(prompt_ids)
+
+
 def encode(tokenizer, prompt, response, max_length=512, max_prompt_length=256):
     """Token ids of prompt + response in the model's own format, and where the scored response starts.
 
-    prompt, response: strings, or message lists (conversational rows). Returns Encoded(ids, start, truncated);
-    ids[start:] are the response tokens, ending with the end-of-sequence token unless truncated away.
+    prompt, response: strings, or message lists (conversational rows). Returns Encoded(ids, start, truncated,
+    straddled); ids are the whole conversation's tokens, ids[start:] the response tokens, ending with the template's
+    end of turn (or an appended EOS) unless truncated away. straddled: a token crosses the prompt/response boundary
+    and is scored as response (see the module docstring).
     """
     if not 0 < max_prompt_length < max_length:
         raise ValueError(f"need 0 < max_prompt_length < max_length, got {max_prompt_length}, {max_length}")
     if getattr(tokenizer, "chat_template", None):
-        prompt_text, response_text, add_eos = _chat_texts(tokenizer, prompt, response)
-        prompt_ids = tokenizer(prompt_text, add_special_tokens=False).input_ids
+        ids, start, straddled = _chat_ids(tokenizer, prompt, response)
     else:
-        prompt_text, response_text = _plain_texts(prompt, response)
-        add_eos = True
-        prompt_ids = tokenizer(prompt_text, add_special_tokens=False).input_ids
-        if _adds_bos(tokenizer):
-            prompt_ids = [tokenizer.bos_token_id] + prompt_ids
-    response_ids = tokenizer(response_text, add_special_tokens=False).input_ids
-    if add_eos and tokenizer.eos_token_id is not None:
-        response_ids = response_ids + [tokenizer.eos_token_id]
+        ids, start, straddled = _plain_ids(tokenizer, prompt, response)
+    prompt_ids, response_ids = ids[:start], ids[start:]
 
     truncated = False
     if len(prompt_ids) + len(response_ids) > max_length and len(prompt_ids) > max_prompt_length:
@@ -440,7 +483,7 @@ def encode(tokenizer, prompt, response, max_length=512, max_prompt_length=256):
     if len(prompt_ids) + len(response_ids) > max_length:
         response_ids = response_ids[:max_length - len(prompt_ids)]  # keep the start
         truncated = True
-    return Encoded(prompt_ids + response_ids, len(prompt_ids), truncated)
+    return Encoded(prompt_ids + response_ids, len(prompt_ids), truncated, straddled)
 
 
 def collate(encoded_list):
@@ -602,7 +645,8 @@ def score_reference(k, spec, pairs, fingerprints, args, budget):
     source = source_identity(spec, args.cache_dir)
     ref = {**model_identity(spec, tokenizer, args.dtype, quant, source), "max_length": args.max_length,
            "max_prompt_length": args.max_prompt_length, "batch_size": args.batch_size,
-           "truncated_rows": sum(encoded[2 * i].truncated or encoded[2 * i + 1].truncated for i in range(N))}
+           "truncated_rows": sum(encoded[2 * i].truncated or encoded[2 * i + 1].truncated for i in range(N)),
+           "straddled_rows": sum(encoded[2 * i].straddled or encoded[2 * i + 1].straddled for i in range(N))}
     key = {"ref": json.dumps(ref, sort_keys=True), "rows": _sha(json.dumps(fingerprints))}
     partial = os.path.join(args.out + ".partial", f"ref{k}.safetensors")
     logps, done = torch.zeros(2 * N), torch.zeros(2 * N, dtype=torch.uint8)  # interleaved chosen/rejected
@@ -696,10 +740,14 @@ def main():
         refs.append(ref)
         speed = f", {stats['tokens'] / stats['seconds']:.0f} tok/s" if stats["seconds"] else " (resumed)"
         summary.append(f"{spec}: accuracy {(c > r).float().mean():.2f}, truncated {ref['truncated_rows']}, "
-                       f"padding {stats['padding']:.1%}{speed}")
+                       f"straddled {ref['straddled_rows']}, padding {stats['padding']:.1%}{speed}")
         if ref["truncated_rows"]:
             print(f"{spec}: {ref['truncated_rows']} of {len(pairs)} rows truncated to --max-length "
                   f"{args.max_length} (end of prompt kept, then start of response)", file=sys.stderr)
+        if ref["straddled_rows"]:
+            print(f"{spec}: {ref['straddled_rows']} of {len(pairs)} rows have a token straddling the prompt/response "
+                  f"boundary; it is scored as response (see 'How a reference sees the text' in precompute.py)",
+                  file=sys.stderr)
 
     metadata = {"format": CACHE_FORMAT, "fingerprints": json.dumps(fingerprints), "refs": json.dumps(refs),
                 "data": args.data}

@@ -172,8 +172,8 @@ K, N = ref_chosen_logps.shape
 ref1 = cache["refs"][0]
 if eval_cache is not None:
     names, eval_names = [r["name"] for r in cache["refs"]], [r["name"] for r in eval_cache["refs"]]
-    if [{k: v for k, v in r.items() if k not in ("batch_size", "truncated_rows")} for r in cache["refs"]] != \
-            [{k: v for k, v in r.items() if k not in ("batch_size", "truncated_rows")} for r in eval_cache["refs"]]:
+    if [{k: v for k, v in r.items() if k not in ("batch_size", "truncated_rows", "straddled_rows")} for r in cache["refs"]] != \
+            [{k: v for k, v in r.items() if k not in ("batch_size", "truncated_rows", "straddled_rows")} for r in eval_cache["refs"]]:
         fail(f"{args.eval_refs} was computed with other references or settings ({eval_names}) than {args.refs} "
              f"({names}); fix: rerun precompute.py on {args.eval_data} with the same --refs, --dtype and lengths")
 alpha = parse_alpha(args.alpha, K)

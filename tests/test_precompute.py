@@ -230,8 +230,8 @@ def test_split_scores_exactly_the_response(request, family, pairs_small):
     for pair in pairs_small[:4]:
         for field in ("chosen", "rejected"):
             e = encode(tokenizer, pair["prompt"], pair[field])
-            assert not e.truncated
-            # no response token lost and nothing but the response (+ EOS) scored
+            assert not e.truncated and not e.straddled
+            # no response token lost and nothing but the response (+ end of turn: <|im_end|> = EOS, or EOS) scored
             assert tokenizer.decode(e.ids[e.start:]) == pair[field] + tokenizer.eos_token
             # no prompt token scored: everything before start is the prompt in the model's own format
             if family in ("smollm2", "qwen"):  # chat models: the prompt is the rendered user turn
