@@ -334,3 +334,88 @@ def test_prop2_as_printed_fails_on_a_pinned_counterexample():
     assert g_mrpo.item() < g_multi.item()
     alpha = b["alpha"][:, None].expand_as(b["rc"])
     assert mrpo.prop2_bound(b["rc"], b["rr"], alpha).item() < 0  # the condition of the exact statement fails
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Inputs the losses must handle: a scalar alpha, low-precision log-probs, references that carry a gradient
+
+
+def test_scalar_alpha_is_the_weight_of_reference_1_for_two_references():
+    rc = torch.tensor([[-40.0, -12.0], [-55.0, -9.0]])
+    rr = torch.tensor([[-47.0, -15.0], [-50.0, -10.0]])
+    pc, pr = torch.tensor([-41.0, -11.0]), torch.tensor([-48.0, -16.0])
+    got = mrpo.mrpo_loss(pc, pr, rc, rr, 0.1, alpha=0.3)
+    want = mrpo.mrpo_loss(pc, pr, rc, rr, 0.1, alpha=[0.3, 0.7])
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+    for name in LOSS_NAMES:  # every loss reads it the same way
+        torch.testing.assert_close(mrpo.compute_loss(name, pc, pr, rc, rr, 0.1, alpha=torch.tensor(0.3))[0],
+                                   mrpo.compute_loss(name, pc, pr, rc, rr, 0.1, alpha=[0.3, 0.7])[0])
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        mrpo.mrpo_loss(pc, pr, rc, rr, 0.1, alpha=1.5)
+    with pytest.raises(ValueError, match="K=3"):
+        mrpo.mrpo_loss(pc, pr, torch.cat([rc, rc[:1]]), torch.cat([rr, rr[:1]]), 0.1, alpha=0.5)
+
+
+@pytest.mark.parametrize("name", ["dpo"] + LOSS_NAMES)
+@pytest.mark.parametrize("low", [torch.bfloat16, torch.float16])
+def test_low_precision_inputs_are_computed_in_float32(name, low):
+    g = torch.Generator().manual_seed(0)
+    K, B = 3, 64
+    x = lambda *shape: (-300 + 20 * torch.rand(*shape, generator=g)).to(low)  # noqa: E731, log-probs near -300
+    pc, pr, rc, rr = x(B), x(B), x(K, B), x(K, B)
+    got = mrpo.compute_loss(name, pc, pr, rc, rr, 0.5, alpha="uniform", eps_max=0.5)
+    want = mrpo.compute_loss(name, pc.float(), pr.float(), rc.float(), rr.float(), 0.5, alpha="uniform",
+                             eps_max=0.5)  # the same values, exactly, in float32
+    for gt, w in zip(got, want):
+        assert gt.dtype == torch.float32
+        torch.testing.assert_close(gt, w, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["dpo"] + LOSS_NAMES)
+@pytest.mark.parametrize("eps", [None, 0.2])
+def test_reference_log_probs_are_constants(name, eps):
+    g = torch.Generator().manual_seed(1)
+    K, B = 3, 5
+    rc, rr = -50 * torch.rand(K, B, generator=g), -50 * torch.rand(K, B, generator=g)
+    policy = -50 * torch.rand(2, B, generator=g)
+    grads = []
+    for refs_need_grad in (True, False):
+        pc, pr = with_grad(policy[0]), with_grad(policy[1])
+        rc_, rr_ = (with_grad(rc), with_grad(rr)) if refs_need_grad else (rc, rr)
+        losses = mrpo.compute_loss(name, pc, pr, rc_, rr_, 0.5, alpha="arwc", eps_max=0.3, eps=eps)[0]
+        losses.sum().backward()
+        if refs_need_grad:
+            assert rc_.grad is None and rr_.grad is None
+        grads.append((pc.grad, pr.grad))
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
+
+
+@given(batches(), st.sampled_from(["arwc", "uniform", "given"]))
+def test_adaptive_eps_with_eps_max_zero_is_dpo_against_reference_1(b, alpha):
+    alpha = b["alpha"] if alpha == "given" else alpha
+    got = loss_and_grads("mrpo", b, alpha=alpha, eps_max=0.0)
+    want = loss_and_grads("dpo", b)
+    for g, w in zip(got, want):
+        close(g, w, rtol=1e-7, atol=1e-7)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The reward accuracy metric and the --alpha parser shared by train.py and eval.py
+
+
+def test_reward_accuracy_counts_ties_half():
+    chosen = torch.tensor([1.0, 0.0, 0.2, 0.3, -1.0])
+    rejected = torch.tensor([0.0, 1.0, 0.2, 0.3 + 0.5e-5, -1.0 + 2e-5])
+    # beta 0.1: the tolerance 1e-4 nats is 1e-5 in reward units; pair 4 is a tie, pair 5 is not
+    assert mrpo.reward_accuracy(chosen, rejected, beta=0.1).tolist() == [1.0, 0.0, 0.5, 0.5, 0.0]
+    assert mrpo.reward_accuracy(chosen, rejected).tolist() == [1.0, 0.0, 0.5, 0.5, 0.5]  # beta 1: 2e-5 < 1e-4
+
+
+def test_parse_alpha():
+    assert mrpo.parse_alpha("arwc", 3) == "arwc" and mrpo.parse_alpha("uniform", 2) == "uniform"
+    assert mrpo.parse_alpha("1,3", 2) == [1.0, 3.0]
+    for text, match in (("0.2,0.3,0.5", "3 weights"), ("1,-1", "non-negative"), ("0,0", "positive sum"),
+                        ("a,b", "comma-separated"), ("1,nan", "finite")):
+        with pytest.raises(ValueError, match=match):
+            mrpo.parse_alpha(text, 2)
