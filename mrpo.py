@@ -231,7 +231,8 @@ def mrpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_
         \quad \tilde\pi_{ref} = \Big(\sum_k \frac{\alpha_k}{\hat\pi_{ref}^k}\Big)^{-1}
 
     where \hat\pi^k are the CTRO-clipped references. policy_*: (B,); ref_*: (K, B), row 0 = reference 1.
-    alpha: "arwc" | "uniform" | weights (K,) or (K, B). eps_max: Eq. 9's bound (adaptive eps); eps: a fixed eps
+    alpha: "arwc" | "uniform" | weights (K,) or (K, B) | for K = 2 one number, the weight of reference 1 (reference 2
+    gets 1 - alpha; see resolve_alpha). eps_max: Eq. 9's bound (adaptive eps); eps: a fixed eps
     instead (float or (B,)); clip=False turns CTRO off. K = 1 or eps = 0 gives exactly DPO against reference 1.
     Rewards are measured against the virtual reference.
     """
