@@ -22,7 +22,7 @@ What is measured, for every policy pi (the base model, or base + adapter) and ev
 - Own accuracy: share of pairs where pi itself gives y_w a higher log-prob than y_l (no reference involved).
 - For each reference model, its own accuracy from the cache: does it give the chosen response more probability?
 A tie counts as half a correct answer: equal rewards, up to 1e-4 nats of log-prob (the float noise between batched
-fp32 forward passes). So the base model against reference 1, where every reward is 0, scores 0.5 (chance), not 0.
+fp32 forward passes); mrpo.reward_accuracy defines it, for train.py's rewards/accuracies too. So the base model against reference 1, where every reward is 0, scores 0.5 (chance), not 0.
 (Evaluating in bf16 against an fp32 cache adds bf16 noise instead; precompute in the dtype you evaluate in.)
 
 Which one the paper reports: the paper's "preference accuracy" tables come from the authors' trainer
@@ -48,7 +48,7 @@ from tqdm import tqdm
 
 import mrpo
 from precompute import (CacheMismatchError, DataError, collate, default_cache_dir, encode, load_cache, load_model,
-                        model_identity, read_pairs, sequence_logps)
+                        model_identity, read_pairs, resolve_device, sequence_logps)
 
 # ----------------------------------------------------------------------------------------------------------------
 # Config
@@ -94,7 +94,7 @@ def write_atomic(path, text):
 
 
 t_start = time.time()
-device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+device = resolve_device(args.device)
 try:
     pairs = read_pairs(args.data)
     cache = load_cache(args.refs, pairs, args.data)
@@ -103,16 +103,10 @@ except (DataError, CacheMismatchError) as e:
 ref_chosen_logps, ref_rejected_logps = cache["chosen_logps"], cache["rejected_logps"]  # (K, N)
 K, N = ref_chosen_logps.shape
 ref1 = cache["refs"][0]
-if args.alpha in ("arwc", "uniform"):
-    alpha = args.alpha
-else:
-    try:
-        alpha = [float(w) for w in args.alpha.split(",")]
-    except ValueError:
-        fail(f"--alpha {args.alpha!r}: expected arwc, uniform or {K} comma-separated numbers")
-    if len(alpha) != K:
-        fail(f"--alpha {args.alpha!r} gives {len(alpha)} weights but {args.refs} holds K={K} references; "
-             f"fix: give {K} numbers")
+try:
+    alpha = mrpo.parse_alpha(args.alpha, K)  # the same parser as train.py's
+except ValueError as e:
+    fail(f"{e} (K={K}: the references in {args.refs})")
 for path in args.adapters:
     if path != "base" and not os.path.isfile(os.path.join(path, "adapter_config.json")):
         fail(f"--adapters {path}: no adapter_config.json there; fix: give the --out-dir of a finished train.py run "
@@ -179,17 +173,12 @@ def policy_logps(path):
     return chosen, rejected
 
 
-TIE = 1e-4  # nats: batched fp32 log-probs differ from the cached ones by ~1e-5 (other padding, other batch)
-
-
 def accuracy(chosen, rejected, beta=1.0):
-    """Share of pairs ranked right (chosen > rejected); a tie, |chosen - rejected| / beta < TIE nats, counts half.
+    """Share of pairs ranked right, ties counting half: the mean of mrpo.reward_accuracy, train.py's metric too.
 
     chosen, rejected: (N,) log-probs (beta = 1) or implicit rewards (beta = their beta).
     """
-    margin = (chosen - rejected) / beta  # (N,) in nats
-    tie = margin.abs() < TIE
-    return float(((margin > 0) & ~tie).float().mean() + 0.5 * tie.float().mean())
+    return float(mrpo.reward_accuracy(chosen, rejected, beta).mean())
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -26,10 +26,13 @@ The method in ten lines
 Shapes
 ------
 B: pairs in a batch. K: references; row 0 is reference 1, the model the policy was initialised from.
-Every log-prob is a summed sequence log-prob log pi(y|x) (<= 0), float32:
+Every log-prob is a summed sequence log-prob log pi(y|x) (<= 0). The losses compute in float32 at least: bf16 or
+fp16 inputs are cast to float32 first (bf16 keeps 8 bits of mantissa: at log pi ~ -300 a loss computed in it is off by
+tenths of a nat), float64 stays float64. Reference log-probs are constants: the losses detach them.
   policy_chosen_logps, policy_rejected_logps:  (B,)
   ref_chosen_logps, ref_rejected_logps:        (K, B)   (dpo_loss takes (B,))
-  alpha:                                       (K, B)   after resolve_alpha; accepted as (K,), (K, B) or a name
+  alpha:                                       (K, B)   after resolve_alpha; accepted as (K,), (K, B), a name, or
+                                                        for K = 2 a number: the weight of reference 1
   eps:                                         (B,) or a float
 
 Where this code departs from the paper or from the authors' code (github.com/thaihungle/MRPO), and why
@@ -64,8 +67,6 @@ that do not; they are in the last section of this file, each giving alpha (K,) f
 VDW and VAW use validation pairs (VAW their labels), SWCW uses past batches, TSW uses held-out accuracy. Edge cases
 (every margin 0, a reference right on no pair, ties) are our choices, stated in each docstring.
 """
-
-import math
 
 import torch
 import torch.nn.functional as F
@@ -147,10 +148,14 @@ def arwc_weights(ref_chosen_logps, ref_rejected_logps):
 
 
 def resolve_alpha(alpha, ref_chosen_logps, ref_rejected_logps):
-    """Turn the alpha option into weights (K, B) that sum to 1 over k.
+    r"""Turn the alpha option into weights (K, B) that sum to 1 over k.
 
     alpha: "arwc" (Eq. 10, per example), "uniform" (1/K), or weights (K,) or (K, B) as a tensor or a sequence of
     numbers; given weights must be non-negative and are normalised over k (Prop. 1 assumes they sum to 1).
+    A single number (the paper's fixed-alpha runs) is defined for K = 2 only: it is the weight of reference 1,
+    alpha in [0, 1], and reference 2 gets 1 - alpha, i.e.
+    :math:`\tilde\pi_{ref} = (\alpha / \pi_{ref}^1 + (1-\alpha) / \pi_{ref}^2)^{-1}`. (The authors' code multiplies
+    the term of the initial model, our reference 1, by its fixed alpha.) Any other K raises ValueError.
     """
     K, B = ref_chosen_logps.shape
     if isinstance(alpha, str):
@@ -160,6 +165,14 @@ def resolve_alpha(alpha, ref_chosen_logps, ref_rejected_logps):
             return torch.full((K, B), 1.0 / K, dtype=ref_chosen_logps.dtype, device=ref_chosen_logps.device)
         raise ValueError(f"alpha must be 'arwc', 'uniform' or K={K} weights, got {alpha!r}")
     alpha = torch.as_tensor(alpha, dtype=ref_chosen_logps.dtype, device=ref_chosen_logps.device)
+    if alpha.dim() == 0:  # a scalar: the weight of reference 1, for K = 2
+        if K != 2:
+            raise ValueError(f"a single number alpha={float(alpha)} is the weight of reference 1 for K=2 references "
+                             f"only, but there are K={K}; give K={K} weights, 'arwc' or 'uniform'")
+        if not 0 <= float(alpha) <= 1:
+            raise ValueError(f"alpha={float(alpha)} (the weight of reference 1, reference 2 gets 1 - alpha) must lie "
+                             f"in [0, 1]")
+        alpha = torch.stack([alpha, 1 - alpha])
     if alpha.shape[0] != K or alpha.dim() > 2 or (alpha.dim() == 2 and alpha.shape[1] != B):
         raise ValueError(f"alpha has shape {tuple(alpha.shape)} but there are K={K} references and B={B} pairs; "
                          f"give K weights (one per reference) or a (K, B) tensor")
@@ -179,6 +192,14 @@ def _check_refs(ref_chosen_logps, ref_rejected_logps):
         raise ValueError("reference log-probs must be finite: a reference that gives a response probability 0 "
                          "(-inf) makes the virtual reference -inf; check the precomputed reference cache")
     return ref_chosen_logps.shape[0]
+
+
+def _loss_inputs(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps):
+    """The four log-prob tensors in float32 at least (bf16/fp16 are upcast, float64 kept), references detached:
+    they are constants, so no gradient reaches them through the rewards, the CTRO bounds or eps."""
+    up = lambda x: x.to(torch.promote_types(x.dtype, torch.float32))  # noqa: E731
+    return (up(policy_chosen_logps), up(policy_rejected_logps), up(ref_chosen_logps).detach(),
+            up(ref_rejected_logps).detach())
 
 
 def _trust_region(ref_chosen_logps, ref_rejected_logps, eps_max, eps, clip):
@@ -206,6 +227,8 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
     All arguments (B,). Returns (losses, chosen_rewards, rejected_rewards), each (B,); the implicit rewards
     beta (log pi_theta - log pi_ref) are detached. Policy equal to reference: loss = ln 2, rewards 0.
     """
+    policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps = _loss_inputs(
+        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
     chosen_logratios = policy_chosen_logps - ref_chosen_logps  # log pi_theta(y_w)/pi_ref(y_w)
     rejected_logratios = policy_rejected_logps - ref_rejected_logps
     losses = -F.logsigmoid(beta * (chosen_logratios - rejected_logratios))  # Eq. 5
@@ -222,10 +245,13 @@ def mrpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_
         \quad \tilde\pi_{ref} = \Big(\sum_k \frac{\alpha_k}{\hat\pi_{ref}^k}\Big)^{-1}
 
     where \hat\pi^k are the CTRO-clipped references. policy_*: (B,); ref_*: (K, B), row 0 = reference 1.
-    alpha: "arwc" | "uniform" | weights (K,) or (K, B). eps_max: Eq. 9's bound (adaptive eps); eps: a fixed eps
+    alpha: "arwc" | "uniform" | weights (K,) or (K, B) | for K = 2 one number, the weight of reference 1 (reference 2
+    gets 1 - alpha; see resolve_alpha). eps_max: Eq. 9's bound (adaptive eps); eps: a fixed eps
     instead (float or (B,)); clip=False turns CTRO off. K = 1 or eps = 0 gives exactly DPO against reference 1.
     Rewards are measured against the virtual reference.
     """
+    policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps = _loss_inputs(
+        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
     _check_refs(ref_chosen_logps, ref_rejected_logps)
     alpha = resolve_alpha(alpha, ref_chosen_logps, ref_rejected_logps)  # Eq. 10 on raw log-probs, (K, B)
     ref_w, ref_l = _trust_region(ref_chosen_logps, ref_rejected_logps, eps_max, eps, clip)  # Eq. 8, 9
@@ -245,6 +271,8 @@ def multi_dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
     alpha-weighted mean of the per-reference rewards, i.e. measured against the geometric mixture
     sum_k alpha_k log pi_k.
     """
+    policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps = _loss_inputs(
+        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
     K = _check_refs(ref_chosen_logps, ref_rejected_logps)
     alpha = resolve_alpha(alpha, ref_chosen_logps, ref_rejected_logps)  # (K, B)
     ref_w, ref_l = _trust_region(ref_chosen_logps, ref_rejected_logps, eps_max, eps, clip)
@@ -266,6 +294,8 @@ def mean_ref_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, 
     Same arguments as mrpo_loss. The arithmetic mean is dominated by the reference that finds y MOST likely,
     the opposite of the harmonic virtual reference.
     """
+    policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps = _loss_inputs(
+        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
     _check_refs(ref_chosen_logps, ref_rejected_logps)
     alpha = resolve_alpha(alpha, ref_chosen_logps, ref_rejected_logps)
     ref_w, ref_l = _trust_region(ref_chosen_logps, ref_rejected_logps, eps_max, eps, clip)
@@ -286,6 +316,49 @@ def compute_loss(name, policy_chosen_logps, policy_rejected_logps, ref_chosen_lo
         return dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps[0], ref_rejected_logps[0], beta)
     return LOSSES[name](policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta,
                         alpha=alpha, eps_max=eps_max, eps=eps, clip=clip)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The metric and the option parser that train.py and eval.py share
+
+TIE_NATS = 1e-4  # batched fp32 log-probs differ from cached ones by ~1e-5 nats (other padding, other batch)
+
+
+def reward_accuracy(chosen_rewards, rejected_rewards, beta=1.0, tol=TIE_NATS):
+    r"""The preference-accuracy metric (TRL's rewards/accuracies), per pair: 1 if the chosen response has the larger
+    reward, 0 if the rejected one has, and 1/2 for a tie, a margin under tol nats of log-prob:
+
+    .. math::
+        \mathrm{acc} = \mathbb{1}[m \ge \tau] + \tfrac12\,\mathbb{1}[|m| < \tau],
+        \qquad m = (r(x, y_w) - r(x, y_l)) / \beta
+
+    chosen_rewards, rejected_rewards: (B,) implicit rewards beta (log pi_theta - log pi_ref) with their beta, or plain
+    log-probs with beta = 1. Returns (B,) float32 scores; their mean is the accuracy. A tie counts half so that a
+    policy equal to its reference (every reward 0) scores 0.5, chance, not 0.
+    """
+    margin = (chosen_rewards.float() - rejected_rewards.float()) / beta  # (B,) in nats
+    tie = margin.abs() < tol
+    return torch.where(tie, 0.5, (margin > 0).float())
+
+
+def parse_alpha(text, K):
+    """The --alpha option of the scripts: "arwc" | "uniform" | K comma-separated non-negative numbers with a positive
+    sum (normalised later by resolve_alpha). Returns the name or the list of K floats; raises ValueError naming the
+    fix otherwise."""
+    if text in ("arwc", "uniform"):
+        return text
+    try:
+        weights = [float(w) for w in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--alpha {text!r}: expected arwc, uniform or {K} comma-separated numbers") from None
+    if len(weights) != K:
+        raise ValueError(f"--alpha {text!r} gives {len(weights)} weights but there are K={K} references; "
+                         f"fix: give {K} numbers, e.g. --alpha {','.join(['1'] * K)}")
+    if not all(w == w and abs(w) != float("inf") for w in weights):
+        raise ValueError(f"--alpha {text!r}: weights must be finite numbers")
+    if min(weights) < 0 or sum(weights) <= 0:
+        raise ValueError(f"--alpha {text!r}: weights must be non-negative with a positive sum")
+    return weights
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -312,6 +312,11 @@ def load_tokenizer(spec, cache_dir=None):
     return AutoTokenizer.from_pretrained(_hf_location(spec, cache_dir))
 
 
+def resolve_device(name):
+    """The --device option of every script: "auto" is cuda if available, else cpu; anything else is a torch device."""
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+
+
 def load_model(spec, dtype="fp32", load_in_4bit=False, load_in_8bit=False, device="cpu", cache_dir=None):
     """Load (model, tokenizer) for a reference spec; the model is put in eval mode.
 
@@ -336,12 +341,6 @@ def load_model(spec, dtype="fp32", load_in_4bit=False, load_in_8bit=False, devic
     model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
     if not (load_in_4bit or load_in_8bit):
         model.to(device)
-    if load_in_4bit:
-        # On CPU a Linear4bit repacks its weights after a no-grad forward, and later LoRA gradients through it are
-        # silently wrong unless this flag is off. It costs nothing for reference scoring.
-        for module in model.modules():
-            if hasattr(module, "support_avx512bf16_for_cpu"):
-                module.support_avx512bf16_for_cpu = False
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(location)
     return model, tokenizer
@@ -705,7 +704,7 @@ def main():
                        help="weights dtype; log-probs are computed in float32 either way")
     group.add_argument("--load-in-4bit", action="store_true", help="load references in 4 bit (bitsandbytes NF4)")
     group.add_argument("--load-in-8bit", action="store_true", help="load references in 8 bit (bitsandbytes)")
-    group.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    group.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1 ...")
     group.add_argument("--cache-dir", default=default_cache_dir(),
                        help="where GGUF models are cached as safetensors (default: $MRPO_CACHE or ~/.cache/mrpo)")
     group = parser.add_argument_group("Scoring")
@@ -717,6 +716,7 @@ def main():
         parser.error("choose one of --load-in-4bit and --load-in-8bit")
     if not 0 < args.max_prompt_length < args.max_length:
         parser.error("need 0 < --max-prompt-length < --max-length")
+    args.device = str(resolve_device(args.device))
 
     t_start = time.time()
     from transformers.utils import logging as hf_logging

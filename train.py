@@ -39,7 +39,10 @@ Where this departs from the paper's setup, and why
   depend on the random state and, at step 0, equal the cached reference-1 log-probs exactly.
 - Batches are drawn by a seeded random permutation of the pairs each epoch (not grouped by length): simplest to
   reason about, at the cost of some padding.
-- The schedule is linear warmup then cosine decay to --min-lr over the whole run (--max-steps, or --epochs).
+- The schedule is linear warmup then cosine decay to --min-lr over the whole run (--max-steps, or --epochs); the last
+  optimizer step uses --min-lr.
+- rewards/accuracies counts a tie (a reward margin under 1e-4 nats) as half a correct pair, not as wrong as TRL does,
+  so that the policy at step 0, equal to reference 1 under DPO, scores 0.5; mrpo.reward_accuracy, shared with eval.py.
 
 Shapes: B pairs in a (micro-)batch, K references, T tokens. Log-probs are summed over response tokens, float32.
 """
@@ -48,6 +51,7 @@ import argparse
 import json
 import math
 import os
+import pickle
 import random
 import shutil
 import sys
@@ -59,7 +63,7 @@ from tqdm import tqdm
 
 import mrpo
 from precompute import (CacheMismatchError, DataError, collate, default_cache_dir, encode, load_cache, load_model,
-                        load_tokenizer, model_identity, read_pairs, sequence_logps)
+                        load_tokenizer, model_identity, read_pairs, resolve_device, sequence_logps)
 
 # ----------------------------------------------------------------------------------------------------------------
 # Config
@@ -125,23 +129,9 @@ def fail(message):
     sys.exit(2)
 
 
-def parse_alpha(text, K):
-    """--alpha -> "arwc" | "uniform" | K floats; anything else is an error naming the fix."""
-    if text in ("arwc", "uniform"):
-        return text
-    try:
-        weights = [float(w) for w in text.split(",")]
-    except ValueError:
-        fail(f"--alpha {text!r}: expected arwc, uniform or {K} comma-separated numbers")
-    if len(weights) != K:
-        fail(f"--alpha {text!r} gives {len(weights)} weights but {args.refs} holds K={K} references; "
-             f"fix: give {K} numbers, e.g. --alpha {','.join(['1'] * K)}")
-    if min(weights) < 0 or sum(weights) <= 0:
-        fail(f"--alpha {text!r}: weights must be non-negative with a positive sum")
-    return weights
-
-
-device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+device = resolve_device(args.device)
+if args.no_clip and args.eps is not None:
+    fail(f"--eps {args.eps} sets the CTRO trust region, which --no-clip turns off; fix: drop one of --eps and --no-clip")
 if args.batch_size % args.grad_accum:
     fail(f"--grad-accum {args.grad_accum} must divide --batch-size {args.batch_size}")
 if args.eval_every and not (args.eval_data and args.eval_refs):
@@ -176,7 +166,10 @@ if eval_cache is not None:
             [{k: v for k, v in r.items() if k not in ("batch_size", "truncated_rows", "straddled_rows")} for r in eval_cache["refs"]]:
         fail(f"{args.eval_refs} was computed with other references or settings ({eval_names}) than {args.refs} "
              f"({names}); fix: rerun precompute.py on {args.eval_data} with the same --refs, --dtype and lengths")
-alpha = parse_alpha(args.alpha, K)
+try:
+    alpha = mrpo.parse_alpha(args.alpha, K)  # the same parser as eval.py's
+except ValueError as e:
+    fail(f"{e} (K={K}: the references in {args.refs})")
 if args.loss != "dpo" and K == 1:
     print(f"train.py: warning: {args.refs} holds one reference, so --loss {args.loss} is DPO", file=sys.stderr)
 
@@ -222,9 +215,16 @@ from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training, se
 model, _ = load_model(spec, dtype=args.dtype, load_in_4bit=args.load_in_4bit, device=str(device),
                       cache_dir=args.cache_dir)
 model.config.use_cache = False
-for name, module in model.named_modules():
+for config in (model.config, model.config.get_text_config()):  # deterministic log-probs (see the docstring)
+    for key, value in list(vars(config).items()):
+        if "dropout" in key and isinstance(value, float):
+            setattr(config, key, 0.0)  # e.g. attention_dropout, read by the attention in train mode
+for module in model.modules():  # LoRA's own dropout is added below, after this
     if isinstance(module, torch.nn.Dropout):
-        module.p = 0.0  # deterministic log-probs (see the docstring); LoRA's own dropout is added below
+        module.p = 0.0
+    for key, value in list(vars(module).items()):  # modules copy their config's rate at init (attention_dropout)
+        if "dropout" in key and isinstance(value, float):
+            setattr(module, key, 0.0)
 if args.load_in_4bit:
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.grad_checkpointing,
                                             gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -247,10 +247,10 @@ autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype 
 
 
 def get_lr(step):
-    """Linear warmup to --lr over --warmup-steps, then cosine decay to --min-lr at the last step."""
+    """Linear warmup to --lr over --warmup-steps, then cosine decay to --min-lr at the last step (total_steps - 1)."""
     if step < args.warmup_steps:
         return args.lr * (step + 1) / (args.warmup_steps + 1)
-    progress = (step - args.warmup_steps) / max(1, total_steps - args.warmup_steps)
+    progress = (step - args.warmup_steps) / max(1, total_steps - 1 - args.warmup_steps)
     return args.min_lr + 0.5 * (1 + math.cos(math.pi * min(1.0, progress))) * (args.lr - args.min_lr)
 
 
@@ -270,7 +270,7 @@ def loss_terms(idx, encs, ref_chosen, ref_rejected):
         args.loss, pc, pr, rc, rr, args.beta, alpha=alpha, eps_max=args.eps_max, eps=args.eps, clip=not args.no_clip)
     sums = {"loss": losses.detach().sum(), "rewards/chosen": chosen_rewards.sum(),
             "rewards/rejected": rejected_rewards.sum(),
-            "rewards/accuracies": (chosen_rewards > rejected_rewards).float().sum(),
+            "rewards/accuracies": mrpo.reward_accuracy(chosen_rewards, rejected_rewards, args.beta).sum(),
             "rewards/margins": (chosen_rewards - rejected_rewards).sum(),
             "logps/chosen": pc.detach().sum(), "logps/rejected": pr.detach().sum()}
     return losses, sums, tokens, (pc.detach(), pr.detach())
@@ -358,7 +358,11 @@ if args.resume:
              + "; fix: resume with the original flags, or start a new --out-dir")
     from safetensors.torch import load_file
     set_peft_model_state_dict(model, load_file(os.path.join(ckpt_dir, "adapter_model.safetensors")))
-    state = torch.load(os.path.join(ckpt_dir, "trainer_state.pt"), weights_only=False)
+    try:  # tensors and plain Python data only: loading runs no code from the file
+        state = torch.load(os.path.join(ckpt_dir, "trainer_state.pt"), weights_only=True)
+    except pickle.UnpicklingError as e:
+        fail(f"--resume: {os.path.join(ckpt_dir, 'trainer_state.pt')} does not load with torch.load(weights_only=True)"
+             f" ({str(e).splitlines()[0]}); it was not written by this train.py. Fix: start a new --out-dir")
     optimizer.load_state_dict(state["optimizer"])
     step = state["step"]
     if state["data_order"] != epoch_order(step // steps_per_epoch):
@@ -368,20 +372,29 @@ if args.resume:
     if "cuda" in state["rng"]:
         torch.cuda.set_rng_state(state["rng"]["cuda"], device)
     # Drop records past the checkpoint (the interrupted run may have logged steps it did not save).
-    kept = [line for line in open(metrics_path) if json.loads(line)["step"] <= step] \
-        if os.path.exists(metrics_path) else []
+    lines = open(metrics_path).read().splitlines(keepends=True) if os.path.exists(metrics_path) else []
+    kept = []
+    for i, line in enumerate(lines):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:  # torn by the kill while it was being written: drop it
+                break
+            fail(f"--resume: {metrics_path}, line {i + 1} is not JSON ({line[:60]!r}); fix: delete or repair that "
+                 f"line, then resume")
+        if record["step"] <= step:
+            kept.append(line if line.endswith("\n") else line + "\n")
     fd, tmp = tempfile.mkstemp(dir=args.out_dir, prefix=".tmp-metrics-")
     with os.fdopen(fd, "w") as f:
         f.writelines(kept)
     os.replace(tmp, metrics_path)
     print(f"resumed from {ckpt_dir} at step {step}", file=sys.stderr)
-else:
-    if os.path.exists(metrics_path):
-        os.remove(metrics_path)
+else:  # a fresh run: remove a previous run's outputs, so none of them is mistaken for this run's
     for old in os.listdir(args.out_dir):
-        if old.startswith("checkpoint-") or old == "latest":
-            shutil.rmtree(os.path.join(args.out_dir, old), ignore_errors=True) if os.path.isdir(
-                os.path.join(args.out_dir, old)) else os.remove(os.path.join(args.out_dir, old))
+        if old.startswith(("checkpoint-", ".tmp-")) or old in ("latest", "metrics.jsonl", "adapter_config.json",
+                                                                "adapter_model.safetensors"):
+            path = os.path.join(args.out_dir, old)
+            shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
 write_json(os.path.join(args.out_dir, "config.json"), config)
 metrics_file = open(metrics_path, "a")
 

@@ -66,3 +66,34 @@ def reference_cache():
                            capture_output=True, text=True)
         return data, cache
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny_refs(tmp_path_factory):
+    """(data, cache, models): 8 bundled pairs, two tiny random Llamas (hidden size 16) saved with SmolLM2's tokenizer,
+    and their reference cache made by `python precompute.py --refs TINY1 TINY2`, for fast runs of the scripts.
+    Reference 1 has attention_dropout 0.5 in its config: train.py must switch it off like every other dropout.
+    Reference 2 has larger random weights, so its log-probs lie far from reference 1's and CTRO clips them."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    root = tmp_path_factory.mktemp("tiny")
+    tokenizer = precompute.load_tokenizer("smollm2")
+    models = []
+    for k in range(2):
+        torch.manual_seed(k)
+        config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                             num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=1024,
+                             attention_dropout=0.5 if k == 0 else 0.0, tie_word_embeddings=True,
+                             initializer_range=0.02 if k == 0 else 0.5,  # reference 2 far from reference 1
+                             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+        directory = str(root / f"tiny{k + 1}")
+        LlamaForCausalLM(config).save_pretrained(directory)
+        tokenizer.save_pretrained(directory)
+        models.append(directory)
+    data, cache = str(root / "pairs.jsonl"), str(root / "refs.safetensors")
+    with open(data, "w", encoding="utf-8") as f:
+        for row in precompute.read_pairs(os.path.join(ROOT, "data", "train.jsonl"))[:8]:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    subprocess.run([sys.executable, "precompute.py", "--data", data, "--out", cache, "--refs", *models], cwd=ROOT,
+                   check=True, capture_output=True, text=True)
+    return data, cache, models

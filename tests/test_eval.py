@@ -128,3 +128,20 @@ def test_bad_input(setup, tmp_path):
     result = evaluate(data, cache, out, "--adapters", str(tmp_path / "no-adapter"), check=False)
     assert result.returncode == 2 and "adapter_config.json" in result.stderr
     assert not out.exists()
+
+
+def test_alpha_is_validated_like_train(tiny_refs, tmp_path):
+    """eval.py reads --alpha with train.py's parser (mrpo.parse_alpha): negative weights or a zero sum are errors."""
+    data, cache, _ = tiny_refs
+    for text, message in (("-1,2", "non-negative"), ("0,0", "positive sum")):
+        result = evaluate(data, cache, tmp_path / "eval.json", f"--alpha={text}", check=False)
+        assert result.returncode == 2 and message in result.stderr and "K=2" in result.stderr
+
+
+def test_base_model_scores_chance_against_reference_1(tiny_refs, tmp_path):
+    """The tiny reference 1 as the policy: every reward against itself is 0 up to float noise, a tie, which counts
+    half (mrpo.reward_accuracy, the metric train.py logs too)."""
+    data, cache, _ = tiny_refs
+    evaluate(data, cache, tmp_path / "eval.json", "--batch-size", "3")
+    base = json.load(open(tmp_path / "eval.json"))["policies"]["base"]
+    assert base["ref1/accuracy"] == 0.5

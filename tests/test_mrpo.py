@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import assume, given, settings
+from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 import mrpo
@@ -78,17 +78,34 @@ def test_identical_references_reduce_every_loss_to_dpo(b, name, alpha, clip):
         close(g, w, rtol=1e-7, atol=1e-7)
 
 
+def virtual_pair_py(chosen, rejected, alpha, eps_max):
+    """The virtual reference of one pair in plain Python floats, from the paper's equations, not mrpo's helpers:
+    alpha by Eq. 10 (or 1/K) and eps by Eq. 9 on the raw log-probs, CTRO (Eq. 8) on references k > 1, Prop. 1."""
+    K = len(chosen)
+    if alpha == "uniform":
+        weights = [1 / K] * K
+    else:
+        confidence = [abs(c - r) for c, r in zip(chosen, rejected)]
+        weights = [x / sum(confidence) for x in confidence] if sum(confidence) > 0 else [1 / K] * K
+    mass_w, mass_l = abs(sum(chosen)), abs(sum(rejected))
+    share_w = mass_w / (mass_w + mass_l) if mass_w + mass_l > 0 else 0.5
+    out = []
+    for logps, eps in ((chosen, eps_max * share_w), (rejected, eps_max * (1 - share_w))):
+        low, high = (1 + eps) * logps[0], (1 - eps) * logps[0]
+        clipped = [logps[0]] + [min(max(x, low), high) for x in logps[1:]]
+        out.append(harmonic_logp(clipped, weights))
+    return out
+
+
 @given(batches(), st.sampled_from(["arwc", "uniform"]), st.floats(0.0, 1.0))
 def test_policy_equal_to_virtual_reference_gives_ln2_and_zero_rewards(b, alpha, eps_max):
-    # The virtual reference exactly as mrpo_loss builds it: alpha and eps from raw log-probs, then CTRO, Prop. 1.
-    w = mrpo.resolve_alpha(alpha, b["rc"], b["rr"])
-    eps_w, eps_l = mrpo.adaptive_eps(b["rc"], b["rr"], eps_max)
-    pc = mrpo.virtual_reference_logps(mrpo.ctro_clip(b["rc"], eps_w), w)
-    pr = mrpo.virtual_reference_logps(mrpo.ctro_clip(b["rr"], eps_l), w)
+    pairs = [virtual_pair_py(c, r, alpha, eps_max) for c, r in zip(b["rc"].T.tolist(), b["rr"].T.tolist())]
+    pc = torch.tensor([w for w, _ in pairs], dtype=torch.float64)
+    pr = torch.tensor([l for _, l in pairs], dtype=torch.float64)
     losses, rc, rr = mrpo.mrpo_loss(pc, pr, b["rc"], b["rr"], b["beta"], alpha=alpha, eps_max=eps_max)
-    close(losses, torch.full_like(losses, math.log(2)))
-    close(rc, torch.zeros_like(rc))
-    close(rr, torch.zeros_like(rr))
+    close(losses, torch.full_like(losses, math.log(2)), rtol=1e-9, atol=1e-9 * (1 + b["beta"]))
+    close(rc, torch.zeros_like(rc), rtol=0, atol=1e-11 * b["beta"] * (1 + pc.abs().max().item()))
+    close(rr, torch.zeros_like(rr), rtol=0, atol=1e-11 * b["beta"] * (1 + pr.abs().max().item()))
 
 
 def test_dpo_sanity_value():
@@ -283,22 +300,63 @@ def test_prop2_holds_exactly_for_the_geometric_mean_reference(b, sign):
         assert bool((g_geo <= g_multi + 1e-12).all())
 
 
-@given(same_sign_batches(+1))
+@st.composite
+def prop2_cases(draw, sign):
+    """K >= 2 references whose Jensen gap has the sign of Prop. 2's exact condition BY CONSTRUCTION, and a policy
+    margin h that makes every d_k = beta (m_k - h) share that sign.
+
+    Per pair, both responses' reference log-probs deviate from a level by one pattern p (p_0 = -1, p_1 = +1, so it is
+    never constant): log pi_k(y_w) = c_w - s_w p_k, log pi_k(y_l) = c_l - s_l p_k. J is shift invariant and
+    J(t p) is convex in t, 0 at t = 0 and > 0 for t > 0, hence strictly increasing in t >= 0: s_l > s_w gives
+    J(b) > J(a) (sign +1), s_w > s_l gives J(b) < J(a) (sign -1)."""
+    K, B = draw(st.integers(2, 8)), draw(st.integers(1, 16))
+    f = lambda lo, hi: draw(st.floats(lo, hi))  # noqa: E731
+    alpha = torch.tensor([f(0.05, 1.0) for _ in range(K)], dtype=torch.float64)
+    rc, rr, h = torch.empty(K, B, dtype=torch.float64), torch.empty(K, B, dtype=torch.float64), []
+    for j in range(B):
+        p = torch.tensor([-1.0, 1.0] + [f(-1.0, 1.0) for _ in range(K - 2)], dtype=torch.float64)
+        small = f(0.0, 20.0)
+        big = small + f(0.5, 50.0)
+        s_w, s_l = (small, big) if sign > 0 else (big, small)
+        rc[:, j], rr[:, j] = f(-5000.0, -100.0) - s_w * p, f(-5000.0, -100.0) - s_l * p
+        margins = rc[:, j] - rr[:, j]
+        offset = f(0.0, 50.0)
+        h.append(float(margins.min()) - offset if sign > 0 else float(margins.max()) + offset)
+    pc = torch.tensor([f(-5000.0, -1.0) for _ in range(B)], dtype=torch.float64)
+    event(f"K={K}")
+    return dict(pc=pc, pr=pc - torch.tensor(h, dtype=torch.float64), rc=rc, rr=rr, alpha=alpha / alpha.sum(),
+                beta=draw(BETA))
+
+
+@given(prop2_cases(+1))
 def test_prop2_positive_side_holds_for_mrpo_when_references_disagree_more_on_rejected(b):
-    alpha = b["alpha"][:, None].expand_as(b["rc"])
-    gap = mrpo.prop2_bound(b["rc"], b["rr"], alpha)
-    assume(bool((gap >= 0).all()))
+    gap = mrpo.prop2_bound(b["rc"], b["rr"], b["alpha"][:, None].expand_as(b["rc"]))
+    assert bool((gap > 1e-6).all())  # every pair is a non-trivial case (K >= 2, J(b) > J(a))
     g_mrpo, g_multi = grad_magnitudes(b, clip=False)
     assert bool((g_mrpo >= g_multi - 1e-12).all())
 
 
-@given(same_sign_batches(-1))
+@given(prop2_cases(-1))
 def test_prop2_negative_side_holds_for_mrpo_when_references_disagree_more_on_chosen(b):
-    alpha = b["alpha"][:, None].expand_as(b["rc"])
-    gap = mrpo.prop2_bound(b["rc"], b["rr"], alpha)
-    assume(bool((gap <= 0).all()))
+    gap = mrpo.prop2_bound(b["rc"], b["rr"], b["alpha"][:, None].expand_as(b["rc"]))
+    assert bool((gap < -1e-6).all())  # every pair is a non-trivial case (K >= 2, J(b) < J(a))
     g_mrpo, g_multi = grad_magnitudes(b, clip=False)
     assert bool((g_mrpo <= g_multi + 1e-12).all())
+
+
+def test_prop2_cases_are_all_non_trivial_and_many():
+    """Counts the cases the two tests above check: every drawn pair has K >= 2 and a Jensen gap of the right sign."""
+    checked = []
+
+    @settings(max_examples=100, database=None)
+    @given(prop2_cases(+1), prop2_cases(-1))
+    def count(positive, negative):
+        for b, sign in ((positive, 1), (negative, -1)):
+            gap = mrpo.prop2_bound(b["rc"], b["rr"], b["alpha"][:, None].expand_as(b["rc"]))
+            checked.append(int((sign * gap > 1e-6).sum()))
+    count()
+    print(f"Prop. 2: {sum(checked)} non-trivial pairs in {len(checked)} batches")
+    assert len(checked) >= 100 and sum(checked) >= len(checked)  # at least one pair per batch, 6 on average
 
 
 @given(batches(k_min=1, k_max=8), st.floats(0.0, 0.5), st.floats(0.0, 50.0), st.sampled_from([+1, -1]))
@@ -334,3 +392,88 @@ def test_prop2_as_printed_fails_on_a_pinned_counterexample():
     assert g_mrpo.item() < g_multi.item()
     alpha = b["alpha"][:, None].expand_as(b["rc"])
     assert mrpo.prop2_bound(b["rc"], b["rr"], alpha).item() < 0  # the condition of the exact statement fails
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Inputs the losses must handle: a scalar alpha, low-precision log-probs, references that carry a gradient
+
+
+def test_scalar_alpha_is_the_weight_of_reference_1_for_two_references():
+    rc = torch.tensor([[-40.0, -12.0], [-55.0, -9.0]])
+    rr = torch.tensor([[-47.0, -15.0], [-50.0, -10.0]])
+    pc, pr = torch.tensor([-41.0, -11.0]), torch.tensor([-48.0, -16.0])
+    got = mrpo.mrpo_loss(pc, pr, rc, rr, 0.1, alpha=0.3)
+    want = mrpo.mrpo_loss(pc, pr, rc, rr, 0.1, alpha=[0.3, 0.7])
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+    for name in LOSS_NAMES:  # every loss reads it the same way
+        torch.testing.assert_close(mrpo.compute_loss(name, pc, pr, rc, rr, 0.1, alpha=torch.tensor(0.3))[0],
+                                   mrpo.compute_loss(name, pc, pr, rc, rr, 0.1, alpha=[0.3, 0.7])[0])
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        mrpo.mrpo_loss(pc, pr, rc, rr, 0.1, alpha=1.5)
+    with pytest.raises(ValueError, match="K=3"):
+        mrpo.mrpo_loss(pc, pr, torch.cat([rc, rc[:1]]), torch.cat([rr, rr[:1]]), 0.1, alpha=0.5)
+
+
+@pytest.mark.parametrize("name", ["dpo"] + LOSS_NAMES)
+@pytest.mark.parametrize("low", [torch.bfloat16, torch.float16])
+def test_low_precision_inputs_are_computed_in_float32(name, low):
+    g = torch.Generator().manual_seed(0)
+    K, B = 3, 64
+    x = lambda *shape: (-300 + 20 * torch.rand(*shape, generator=g)).to(low)  # noqa: E731, log-probs near -300
+    pc, pr, rc, rr = x(B), x(B), x(K, B), x(K, B)
+    got = mrpo.compute_loss(name, pc, pr, rc, rr, 0.5, alpha="uniform", eps_max=0.5)
+    want = mrpo.compute_loss(name, pc.float(), pr.float(), rc.float(), rr.float(), 0.5, alpha="uniform",
+                             eps_max=0.5)  # the same values, exactly, in float32
+    for gt, w in zip(got, want):
+        assert gt.dtype == torch.float32
+        torch.testing.assert_close(gt, w, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["dpo"] + LOSS_NAMES)
+@pytest.mark.parametrize("eps", [None, 0.2])
+def test_reference_log_probs_are_constants(name, eps):
+    g = torch.Generator().manual_seed(1)
+    K, B = 3, 5
+    rc, rr = -50 * torch.rand(K, B, generator=g), -50 * torch.rand(K, B, generator=g)
+    policy = -50 * torch.rand(2, B, generator=g)
+    grads = []
+    for refs_need_grad in (True, False):
+        pc, pr = with_grad(policy[0]), with_grad(policy[1])
+        rc_, rr_ = (with_grad(rc), with_grad(rr)) if refs_need_grad else (rc, rr)
+        losses = mrpo.compute_loss(name, pc, pr, rc_, rr_, 0.5, alpha="arwc", eps_max=0.3, eps=eps)[0]
+        losses.sum().backward()
+        if refs_need_grad:
+            assert rc_.grad is None and rr_.grad is None
+        grads.append((pc.grad, pr.grad))
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
+
+
+@given(batches(), st.sampled_from(["arwc", "uniform", "given"]))
+def test_adaptive_eps_with_eps_max_zero_is_dpo_against_reference_1(b, alpha):
+    alpha = b["alpha"] if alpha == "given" else alpha
+    got = loss_and_grads("mrpo", b, alpha=alpha, eps_max=0.0)
+    want = loss_and_grads("dpo", b)
+    for g, w in zip(got, want):
+        close(g, w, rtol=1e-7, atol=1e-7)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The reward accuracy metric and the --alpha parser shared by train.py and eval.py
+
+
+def test_reward_accuracy_counts_ties_half():
+    chosen = torch.tensor([1.0, 0.0, 0.2, 0.3, -1.0])
+    rejected = torch.tensor([0.0, 1.0, 0.2, 0.3 + 0.5e-5, -1.0 + 2e-5])
+    # beta 0.1: the tolerance 1e-4 nats is 1e-5 in reward units; pair 4 is a tie, pair 5 is not
+    assert mrpo.reward_accuracy(chosen, rejected, beta=0.1).tolist() == [1.0, 0.0, 0.5, 0.5, 0.0]
+    assert mrpo.reward_accuracy(chosen, rejected).tolist() == [1.0, 0.0, 0.5, 0.5, 0.5]  # beta 1: 2e-5 < 1e-4
+
+
+def test_parse_alpha():
+    assert mrpo.parse_alpha("arwc", 3) == "arwc" and mrpo.parse_alpha("uniform", 2) == "uniform"
+    assert mrpo.parse_alpha("1,3", 2) == [1.0, 3.0]
+    for text, match in (("0.2,0.3,0.5", "3 weights"), ("1,-1", "non-negative"), ("0,0", "positive sum"),
+                        ("a,b", "comma-separated"), ("1,nan", "finite")):
+        with pytest.raises(ValueError, match=match):
+            mrpo.parse_alpha(text, 2)

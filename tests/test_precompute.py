@@ -365,3 +365,13 @@ def test_not_utf8_names_line(tmp_path):
     path.write_bytes((GOOD + "\n").encode() + '{"prompt": "caf\xe9", "chosen": "a", "rejected": "b"}\n'.encode("latin-1"))
     with pytest.raises(DataError, match=re.escape(f"{path}:2: not UTF-8")):
         read_pairs(str(path))
+
+
+def test_device_auto_is_the_default_and_means_cuda_else_cpu(tmp_path, monkeypatch, tiny_refs):
+    """--device auto, as in train.py and eval.py (precompute.resolve_device for all three); it is the default."""
+    assert precompute.resolve_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    assert precompute.resolve_device("cpu") == torch.device("cpu")
+    data, cache, models = tiny_refs
+    out = str(tmp_path / "refs.safetensors")
+    run_main(monkeypatch, ["--data", data, "--refs", *models, "--out", out, "--device", "auto"])
+    assert open(out, "rb").read() == open(cache, "rb").read()  # the fixture's cache, made without --device

@@ -8,6 +8,7 @@ reference_cache fixture).
 
 import copy
 import json
+import math
 import os
 import runpy
 import subprocess
@@ -18,6 +19,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+import mrpo
 import precompute
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -291,3 +293,150 @@ def test_cache_metadata_is_what_train_reads(easy):
                   "quantization", "max_length", "max_prompt_length"):
         assert field in refs[0], field
     assert [r["name"] for r in refs] == ["smollm2", "gemma3"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fast runs on two tiny random Llamas with SmolLM2's tokenizer (conftest.py's tiny_refs): 8 pairs, batch 4, so 2 steps
+# per epoch. Reference 1's config has attention_dropout 0.5, which train.py must switch off.
+
+TINY_RUN = ["--lr", "1e-3", "--max-steps", "4", "--eval-every", "2", "--min-lr", "1e-4", "--save-every", "100"]
+strip_timing = lambda rs: [{k: v for k, v in r.items() if k not in TIMING} for r in rs]  # noqa: E731
+
+
+def adapter(out_dir):
+    return load_file(os.path.join(out_dir, "adapter_model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_refs, tmp_path_factory):
+    """4 MRPO steps (2 epochs) on the tiny models, uninterrupted: the yardstick of the tests below."""
+    out = tmp_path_factory.mktemp("tiny_run")
+    train(tiny_refs[0], tiny_refs[1], out, *TINY_RUN)
+    return out
+
+
+def test_tiny_run_reaches_min_lr_and_attention_dropout_is_off(tiny_run):
+    rows = records(tiny_run)
+    lrs = [r["lr"] for r in rows if "loss" in r]
+    assert lrs[0] == pytest.approx(1e-3 / 2) and lrs[1] == pytest.approx(1e-3)  # warmup 1 step, then the peak
+    assert lrs[-1] == pytest.approx(1e-4)  # the last optimizer step uses --min-lr
+    # In train mode the policy's log-probs equal the cache's (scored in eval mode): no dropout of any kind is left,
+    # although reference 1's config asks for attention_dropout 0.5.
+    check = next(r for r in rows if "check/ref1_max_abs_diff" in r)
+    assert check["check/ref1_max_abs_diff"] < 1e-3
+
+
+def test_fresh_run_clears_old_outputs_and_resume_crosses_an_epoch_boundary(tiny_refs, tiny_run, tmp_path):
+    data, cache, _ = tiny_refs
+    out = tmp_path / "a"
+    out.mkdir()
+    (out / "adapter_config.json").write_text("{}")  # a previous run's outputs
+    (out / "adapter_model.safetensors").write_bytes(b"old")
+    (out / "checkpoint-000009").mkdir()
+    (out / "latest").write_text("checkpoint-000009\n")
+    (out / "metrics.jsonl").write_text('{"step": 9, "loss": 1.0}\n')
+    train(data, cache, out, *TINY_RUN, "--stop-after", "1")
+    assert not (out / "adapter_config.json").exists() and not (out / "adapter_model.safetensors").exists()
+    assert sorted(p for p in os.listdir(out) if p.startswith("checkpoint-")) == ["checkpoint-000001"]
+    assert [r["step"] for r in records(out)] == [0, 0, 1]
+
+    metrics = (out / "metrics.jsonl").read_text()
+    lines = metrics.splitlines(keepends=True)
+    (out / "metrics.jsonl").write_text(lines[0] + '{"step": 0, "ev\n' + "".join(lines[1:]))  # damaged inside
+    result = train(data, cache, out, *TINY_RUN, "--resume", check=False)
+    assert result.returncode == 2 and f"{out / 'metrics.jsonl'}, line 2" in result.stderr
+
+    # killed while writing the next record: the torn last line is dropped
+    (out / "metrics.jsonl").write_text(metrics + '{"step": 2, "epoch": 1.0, "loss": 0.69')
+    resumed = train(data, cache, out, *TINY_RUN, "--resume")  # steps 2-4: the end of epoch 0, then epoch 1
+    assert "resumed from" in resumed.stderr
+    assert strip_timing(records(out)) == strip_timing(records(tiny_run))
+    a, b = adapter(out), adapter(tiny_run)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    state = torch.load(out / "checkpoint-000004" / "trainer_state.pt", weights_only=True)
+    assert state["step"] == 4
+
+
+def test_resume_refuses_a_checkpoint_that_needs_unpickling_code(tiny_refs, tmp_path):
+    data, cache, _ = tiny_refs
+    train(data, cache, tmp_path, *TINY_RUN, "--stop-after", "1", "--eval-every", "0")
+    marker = tmp_path / "code-ran"
+    state_path = tmp_path / "checkpoint-000001" / "trainer_state.pt"
+    state = torch.load(state_path, weights_only=True)
+    state["extra"] = Payload(str(marker))  # an object whose unpickling runs code
+    torch.save(state, state_path)
+    result = train(data, cache, tmp_path, *TINY_RUN, "--eval-every", "0", "--resume", check=False)
+    assert not marker.exists()
+    assert result.returncode == 2 and "trainer_state.pt" in result.stderr and "weights_only" in result.stderr
+
+
+class Payload:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+def test_grad_accum_2_gives_the_same_update_as_1(tiny_refs, tiny_run, tmp_path):
+    train(tiny_refs[0], tiny_refs[1], tmp_path, *TINY_RUN, "--grad-accum", "2")
+    a, b = adapter(tmp_path), adapter(tiny_run)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+    for r, s in zip(records(tmp_path), records(tiny_run)):
+        assert r["step"] == s["step"] and r.get("loss", 0) == pytest.approx(s.get("loss", 0), abs=1e-5)
+
+
+LOSS_RUNS = {"dpo": ["--loss", "dpo"], "multi_dpo --no-clip": ["--loss", "multi_dpo", "--no-clip"],
+             "mean_ref --eps": ["--loss", "mean_ref", "--eps", "0.002"], "mrpo --eps": ["--loss", "mrpo", "--eps",
+                                                                                      "0.002"]}
+
+
+@pytest.mark.parametrize("run", sorted(LOSS_RUNS))
+def test_loss_options_reach_the_loss(tiny_refs, tmp_path, run):
+    """One step over all 8 pairs: the policy is reference 1, so the step-1 loss is the loss of the cached reference-1
+    log-probs against the cache, computed here with the flags' values (and different from the defaults' loss)."""
+    data, cache, _ = tiny_refs
+    train(data, cache, tmp_path, *LOSS_RUNS[run], "--batch-size", "8", "--max-steps", "1", "--eval-every", "0")
+    step1 = next(r for r in records(tmp_path) if "loss" in r)
+    refs = load_file(cache)
+    rc, rr = refs["chosen_logps"], refs["rejected_logps"]
+    args = LOSS_RUNS[run]
+    options = dict(eps=float(args[args.index("--eps") + 1]) if "--eps" in args else None, clip="--no-clip" not in args)
+    want = float(mrpo.compute_loss(args[1], rc[0], rr[0], rc, rr, 0.1, **options)[0].mean())
+    assert step1["loss"] == pytest.approx(want, abs=1e-5)
+    if args[1] != "dpo":
+        assert abs(want - float(mrpo.compute_loss(args[1], rc[0], rr[0], rc, rr, 0.1)[0].mean())) > 1e-4
+    else:  # the policy is reference 1: every reward is 0 up to float noise, a tie, which counts half
+        assert step1["rewards/accuracies"] == 0.5
+
+
+def test_eps_with_no_clip_is_an_error(tiny_refs, tmp_path):
+    result = train(tiny_refs[0], tiny_refs[1], tmp_path, "--eps", "0.1", "--no-clip", check=False)
+    assert result.returncode == 2 and "--eps" in result.stderr and "--no-clip" in result.stderr
+
+
+def test_bf16_4bit_run_keeps_the_trainable_4bit_layout(tiny_refs, tmp_path):
+    """A --dtype bf16 --load-in-4bit run, with train.py run in-process (runpy) so that its model can be inspected:
+    train.py (and only train.py, where LoRA gradients flow) turns bitsandbytes' AVX512-BF16 repacking off."""
+    data, cache, models = tiny_refs
+    args = ["--data", data, "--refs", cache, "--eval-data", data, "--eval-refs", cache, "--out-dir", str(tmp_path),
+            "--batch-size", "4", "--max-steps", "2", "--eval-every", "1", "--dtype", "bf16", "--load-in-4bit"]
+    code = ("import json, runpy, sys; sys.argv = ['train.py'] + json.loads(sys.argv[1]); "
+            "g = runpy.run_path('train.py', run_name='__main__'); "
+            "flags = [m.support_avx512bf16_for_cpu for m in g['model'].modules() "
+            "if hasattr(m, 'support_avx512bf16_for_cpu')]; print('FLAGS', len(flags), any(flags))")
+    result = subprocess.run([sys.executable, "-c", code, json.dumps(args)], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    n, any_on = result.stdout.split("FLAGS")[1].split()
+    assert int(n) > 0 and any_on == "False"
+    assert all(math.isfinite(r["loss"]) for r in records(tmp_path) if "loss" in r)
+    assert os.path.isfile(os.path.join(tmp_path, "adapter_model.safetensors"))
+
+
+def test_load_model_leaves_the_4bit_layout_flag_at_its_default(tiny_refs):
+    from bitsandbytes.functional import has_avx512bf16
+    model, _ = precompute.load_model(tiny_refs[2][0], load_in_4bit=True)
+    flags = [m.support_avx512bf16_for_cpu for m in model.modules() if hasattr(m, "support_avx512bf16_for_cpu")]
+    assert len(flags) > 0 and all(f == has_avx512bf16() for f in flags)
