@@ -101,10 +101,10 @@ def test_adapter_loads_with_peft_and_changes_the_policy(easy_run, smollm2, easy)
     enc = [(precompute.encode(tokenizer, p["prompt"], p["chosen"]), precompute.encode(tokenizer, p["prompt"],
                                                                                       p["rejected"])) for p in pairs]
     with torch.no_grad():
-        before = torch.cat(precompute.pair_logps(base, enc))
+        before = torch.stack(precompute.pair_logps(base, enc), dim=1).flatten()  # c0 r0 c1 r1
         policy = PeftModel.from_pretrained(copy.deepcopy(base), str(out))
         policy.eval()
-        after = torch.cat(precompute.pair_logps(policy, enc))
+        after = torch.stack(precompute.pair_logps(policy, enc), dim=1).flatten()
     saved = load_file(os.path.join(out, "adapter_model.safetensors"))
     loaded = {k: v for k, v in policy.state_dict().items() if "lora_" in k}
     assert len(saved) == len(loaded) > 0
