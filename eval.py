@@ -47,8 +47,8 @@ import torch
 from tqdm import tqdm
 
 import mrpo
-from precompute import (CacheMismatchError, DataError, collate, default_cache_dir, encode, load_cache, load_model,
-                        model_identity, read_pairs, resolve_device, sequence_logps)
+from precompute import (CacheMismatchError, DataError, default_cache_dir, encode, length_order, load_cache,
+                        load_model, model_identity, pair_logps, read_pairs, resolve_device)
 
 # ----------------------------------------------------------------------------------------------------------------
 # Config
@@ -154,7 +154,7 @@ def policy_context(path):
 encoded = [(encode(tokenizer, p["prompt"], p["chosen"], ref1["max_length"], ref1["max_prompt_length"]),
             encode(tokenizer, p["prompt"], p["rejected"], ref1["max_length"], ref1["max_prompt_length"]))
            for p in pairs]
-order = sorted(range(N), key=lambda i: -len(encoded[i][0].ids) - len(encoded[i][1].ids))  # less padding
+order = length_order(encoded)  # pairs of similar length fill the packed rows of pair_logps alike
 
 
 @torch.no_grad()
@@ -164,12 +164,9 @@ def policy_logps(path):
     with policy_context(path):
         for start in tqdm(range(0, N, args.batch_size), desc=path, leave=False, dynamic_ncols=True):
             idx = order[start:start + args.batch_size]
-            input_ids, attention_mask, response_mask = collate([encoded[i][0] for i in idx] +
-                                                               [encoded[i][1] for i in idx])  # (2B, T)
             with autocast:
-                logps = sequence_logps(model, input_ids.to(device), attention_mask.to(device),
-                                       response_mask.to(device)).float().cpu()
-            chosen[idx], rejected[idx] = logps[:len(idx)], logps[len(idx):]
+                c, r = pair_logps(model, [encoded[i] for i in idx])  # (B,), (B,)
+            chosen[idx], rejected[idx] = c.cpu(), r.cpu()
     return chosen, rejected
 
 

@@ -63,18 +63,22 @@ as fits (so a truncated response loses its end of turn). Departure: the DPO code
 the longer response; here it is decided per response, so that encode() is a function of one (prompt, response) and
 training re-encodes exactly what was scored. Truncated rows are counted and reported.
 
-Padding: sequences of both responses of all pairs are sorted by length and batched (length_batches), right-padded;
-padding is found from the lengths only, never from pad_token_id (SmolLM2 uses one id for pad and EOS).
-Log-probs are computed from the logits in float32 even when the model runs in bf16.
+How the log-probs are computed (pair_logps, also used by train.py and eval.py): exactly what a forward pass of each
+sequence alone gives, computed on fewer tokens. The prompt that the chosen and the rejected response share is run
+once, followed by both responses in the same row; an attention mask keeps the responses apart and the positions of
+each continue from the shared prompt (prefix sharing). Several pairs are packed into one row of about ROW_TOKENS
+tokens, the mask block-diagonal per pair, so nothing is padding. The output layer and the log-softmax (float32, even
+when the model runs in bf16) run only at the positions that predict a response token. Pairs are sorted by length
+(length_order) and scored --batch-size pairs at a time. tests/test_fast_forward.py checks all this against a plain
+forward of each sequence.
 
-Shapes: B sequences in a batch, T tokens, V vocabulary, K references, N pairs.
+Shapes: B pairs in a batch, L tokens in a packed row, H hidden size, V vocabulary, K references, N pairs.
 """
 
 import argparse
 import functools
 import hashlib
 import importlib.util
-import inspect
 import json
 import os
 import shutil
@@ -88,6 +92,7 @@ import torch
 DEFAULT_REFS = ["smollm2", "gemma3"]
 CACHE_FORMAT = "mrpo-refs-v1"
 QWEN_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
+ROW_TOKENS = 1024  # tokens per packed row in pair_logps (one forward each)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -485,56 +490,142 @@ def encode(tokenizer, prompt, response, max_length=512, max_prompt_length=256):
     return Encoded(prompt_ids + response_ids, len(prompt_ids), truncated, straddled)
 
 
-def collate(encoded_list):
-    """Right-pad a list of Encoded into (input_ids (B,T) long, attention_mask (B,T) long, response_mask (B,T) bool).
+def shared_prefix(chosen, rejected):
+    """How many leading tokens a pair's two sequences share and compute once: the longest common prefix of their
+    ids, capped at min(chosen.start, rejected.start). Under truncation (or a token straddling the prompt/response
+    boundary) the two prompts can differ; everything after the shared part belongs to its own branch."""
+    cap, n = min(chosen.start, rejected.start), 0
+    while n < cap and chosen.ids[n] == rejected.ids[n]:
+        n += 1
+    return n
 
-    Masks come from the lengths only; the pad id (0) is never looked at.
+
+class PackedRow(NamedTuple):
+    input_ids: torch.Tensor  # (1, L) the pairs of the row, each as [shared prompt][chosen rest][rejected rest]
+    position_ids: torch.Tensor  # (1, L) each branch continues from its pair's shared length
+    pair: torch.Tensor  # (L,) index of the token's pair within the row
+    branch: torch.Tensor  # (L,) 0 shared prompt, 1 chosen, 2 rejected
+    predictors: torch.Tensor  # (n,) row positions whose output predicts a scored token
+    targets: torch.Tensor  # (n,) the scored tokens
+    sequence: torch.Tensor  # (n,) which sequence each scored token belongs to: 2 * pair + (0 chosen | 1 rejected)
+
+
+def pack_row(encoded_pairs):
+    """Lay out pairs (chosen Encoded, rejected Encoded) in one row of tokens, without padding (see PackedRow).
+
+    Token t of the chosen sequence sits at row offset t of its pair, token t >= P of the rejected one at
+    len(chosen) + t - P (P = shared_prefix); token t is predicted by the output at token t-1 of the same sequence,
+    which for t = P is the last shared token. Tokens t >= max(start, 1) are scored.
     """
-    lengths = torch.tensor([len(e.ids) for e in encoded_list])
-    starts = torch.tensor([e.start for e in encoded_list])
-    B, T = len(encoded_list), int(lengths.max())
-    input_ids = torch.zeros(B, T, dtype=torch.long)
-    for b, e in enumerate(encoded_list):
-        input_ids[b, :len(e.ids)] = torch.tensor(e.ids, dtype=torch.long)
-    pos = torch.arange(T)[None, :]  # (1, T)
-    attention_mask = (pos < lengths[:, None]).long()  # (B, T)
-    response_mask = (pos >= starts[:, None]) & (pos < lengths[:, None])  # (B, T)
-    return input_ids, attention_mask, response_mask
+    ids, pos, pair, branch, predictors, targets, sequence = [], [], [], [], [], [], []
+    for i, (c, r) in enumerate(encoded_pairs):
+        P, base = shared_prefix(c, r), len(ids)
+        rejected_base = base + len(c.ids) - P  # rejected token t >= P sits at rejected_base + t
+        ids += c.ids + r.ids[P:]
+        pos += list(range(len(c.ids))) + list(range(P, len(r.ids)))
+        pair += [i] * (len(c.ids) + len(r.ids) - P)
+        branch += [0] * P + [1] * (len(c.ids) - P) + [2] * (len(r.ids) - P)
+        for t in range(max(c.start, 1), len(c.ids)):
+            predictors.append(base + t - 1)
+            targets.append(c.ids[t])
+            sequence.append(2 * i)
+        for t in range(max(r.start, 1), len(r.ids)):
+            predictors.append(rejected_base + t - 1 if t > P else base + t - 1)
+            targets.append(r.ids[t])
+            sequence.append(2 * i + 1)
+    long = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731
+    return PackedRow(long([ids]), long([pos]), long(pair), long(branch), long(predictors), long(targets),
+                     long(sequence))
 
 
-def _accepts_logits_to_keep(model):
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PEFT wrapper passes it on
-    return "logits_to_keep" in inspect.signature(base.forward).parameters
+def attention_mask(config, row):
+    """The (1, 1, L, L) masks of a packed row, in the form the model's attention layers take.
 
-
-def sequence_logps(model, input_ids, attention_mask, response_mask):
-    """Summed log-probs of the response tokens: (B,) float32, differentiable (callers choose no_grad or not).
-
-    logps[b] = sum_t response_mask[b, t] * log p(input_ids[b, t] | input_ids[b, <t]). The logits at position t-1
-    predict token t, so the mask is shifted by one. Only the positions from the first scored one on are sent through
-    the output layer (logits_to_keep), which matters for Gemma's 262k-word vocabulary; the log-softmax runs in
-    float32 on the scored positions only.
+    Query q may attend key k iff both belong to the same pair, k is not in the other branch, and k is at or before q
+    in its sequence: pair[q] = pair[k], branch[k] in {0, branch[q]}, pos[k] <= pos[q]. Layers with a sliding window
+    w (Gemma 3, Mistral) also need pos[q] - pos[k] < w, measured in positions, not row offsets. A model whose
+    layers mix full and sliding attention takes a dict {"full_attention": mask, "sliding_attention": mask}; a 4D
+    tensor would be given to all layers as it is (transformers' masking_utils returns a 4D mask unchanged), silently
+    dropping the window. sdpa takes a boolean mask (True = attend); eager adds the mask, so it gets 0 / -inf.
     """
-    label_mask = response_mask[:, 1:].bool()  # (B, T-1): label t+1 is predicted at position t
-    T = input_ids.shape[1]
-    scored = label_mask.any(0).nonzero()
-    first = int(scored[0]) if len(scored) else T - 2  # first position whose logits are needed
-    kwargs = {"logits_to_keep": T - first} if _accepts_logits_to_keep(model) else {}
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs).logits
-    logits = logits[:, logits.shape[1] - (T - first):-1]  # (B, T-1-first, V): positions first .. T-2
-    labels = input_ids[:, first + 1:]  # (B, T-1-first)
-    mask = label_mask[:, first:]  # (B, T-1-first)
-    token_logps = torch.log_softmax(logits[mask].float(), dim=-1)  # (n, V) for the n scored tokens
-    token_logps = token_logps.gather(-1, labels[mask][:, None]).squeeze(-1)  # (n,)
-    batch_index = mask.nonzero()[:, 0]  # (n,)
-    zeros = torch.zeros(input_ids.shape[0], dtype=torch.float32, device=input_ids.device)
-    return zeros.index_add(0, batch_index, token_logps)  # (B,)
+    impl = config._attn_implementation or "eager"
+    if "flash" in impl:
+        raise ValueError(f"attention implementation {impl!r} cannot take the prefix-sharing mask of pair_logps; fix: "
+                         f"load the model with attn_implementation='sdpa' (the default) or 'eager'")
+    pos, pair, branch = row.position_ids[0], row.pair, row.branch  # (L,) each
+    allowed = ((pair[:, None] == pair[None, :]) & (pos[None, :] <= pos[:, None])
+               & ((branch[None, :] == 0) | (branch[None, :] == branch[:, None])))  # (L, L): [query, key]
+    window = getattr(config, "sliding_window", None)
+    layer_types = set(getattr(config, "layer_types", None) or ["sliding_attention" if window else "full_attention"])
+    masks = {"full_attention": allowed}
+    if "sliding_attention" in layer_types:
+        masks["sliding_attention"] = allowed & (pos[:, None] - pos[None, :] < window)
+    for name, mask in masks.items():
+        mask = mask[None, None]  # (1, 1, L, L)
+        if impl == "eager":
+            mask = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
+        masks[name] = mask
+    return masks if len(layer_types) > 1 else masks[layer_types.pop()]
 
 
-def length_batches(lengths, batch_size):
-    """Batches of indices, longest first, of sequences with similar lengths (keeps padding low). Deterministic."""
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+def token_logps(model, hidden, targets, chunk=1 << 26):
+    """log p(target | hidden) of n positions: (n,) float32. The output layer and the log-softmax run on these rows
+    only, in chunks of at most `chunk` logits (Gemma's vocabulary has 262k words), as the model's own forward does:
+    logits = lm_head(h), soft-capped as cap * tanh(logits / cap) when config.final_logit_softcapping is set."""
+    head, cap = model.get_output_embeddings(), getattr(model.config, "final_logit_softcapping", None)
+    rows = max(1, chunk // head.weight.shape[0])
+    out = []
+    for i in range(0, len(targets), rows):
+        logits = head(hidden[i:i + rows]).float()  # (rows, V)
+        if cap is not None:
+            logits = cap * torch.tanh(logits / cap)
+        out.append(torch.log_softmax(logits, dim=-1).gather(-1, targets[i:i + rows, None]).squeeze(-1))
+    return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)
+
+
+def pair_rows(encoded_pairs, row_tokens):
+    """Split pairs, in order, into rows of at most row_tokens tokens (a longer pair gets a row of its own)."""
+    rows, length = [], row_tokens + 1
+    for i, (c, r) in enumerate(encoded_pairs):
+        n = len(c.ids) + len(r.ids) - shared_prefix(c, r)
+        if length + n > row_tokens:
+            rows.append([])
+            length = 0
+        rows[-1].append(i)
+        length += n
+    return rows
+
+
+def pair_logps(model, encoded_pairs, row_tokens=ROW_TOKENS):
+    """Summed response log-probs of B pairs: (chosen (B,), rejected (B,)), float32, differentiable.
+
+    chosen[i] = sum_{t >= start} log p(c_t | c_<t), the same for rejected, exactly as a padded forward of each
+    sequence alone would give, but computed on fewer tokens:
+    * the prompt the two responses share is run once, with the two responses after it in the same row; the mask
+      keeps them apart and each response's positions continue from the shared length (prefix sharing);
+    * pairs are packed into rows of about row_tokens tokens, each row one forward of batch size 1: no padding;
+    * the output layer and the log-softmax run only where a scored token is predicted (token_logps).
+    model: a causal LM, or a peft wrapper of one (its LoRA layers sit inside the decoder that is called here).
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    decoder, device = base.get_decoder(), base.get_output_embeddings().weight.device
+    sums = torch.zeros(2 * len(encoded_pairs), dtype=torch.float32, device=device)  # (2B,) chosen_0, rejected_0, ...
+    for idx in pair_rows(encoded_pairs, row_tokens):
+        row = pack_row([encoded_pairs[i] for i in idx])
+        mask = attention_mask(base.config, row)
+        mask = {k: m.to(device) for k, m in mask.items()} if isinstance(mask, dict) else mask.to(device)
+        hidden = decoder(input_ids=row.input_ids.to(device), position_ids=row.position_ids.to(device),
+                         attention_mask=mask, use_cache=False).last_hidden_state[0]  # (L, H)
+        logps = token_logps(base, hidden[row.predictors.to(device)], row.targets.to(device))  # (n,)
+        sequence = 2 * torch.tensor(idx)[row.sequence // 2] + row.sequence % 2  # (n,) index into sums
+        sums = sums.index_add(0, sequence.to(device), logps)
+    return sums[0::2], sums[1::2]
+
+
+def length_order(encoded_pairs):
+    """Pair indices, longest packed pair first (ties by index): neighbouring pairs fill rows alike. Deterministic."""
+    size = [len(c.ids) + len(r.ids) - shared_prefix(c, r) for c, r in encoded_pairs]
+    return sorted(range(len(size)), key=lambda i: (-size[i], i))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -620,13 +711,6 @@ def encode_pairs(tokenizer, pairs, max_length=512, max_prompt_length=256):
             for p in pairs for field in ("chosen", "rejected")]
 
 
-def padding_share(encoded, batches):
-    """Fraction of the tokens in the padded batches that are padding."""
-    real = sum(len(e.ids) for e in encoded)
-    padded = sum(len(b) * max(len(encoded[i].ids) for i in b) for b in batches)
-    return 1 - real / padded
-
-
 class _Stop(Exception):
     """Raised by --stop-after-batches (tests only) to simulate a run killed part-way."""
 
@@ -657,9 +741,11 @@ def score_reference(k, spec, pairs, fingerprints, args, budget):
             print(f"{partial} was made with other settings or data; scoring reference {spec} from the start",
                   file=sys.stderr)
 
-    batches = length_batches([len(e.ids) for e in encoded], args.batch_size)
-    todo = [b for b in batches if not all(done[i] for i in b)]
-    stats = {"tokens": 0, "padding": padding_share(encoded, batches), "seconds": 0.0, "load_seconds": 0.0}
+    encoded_pairs = list(zip(encoded[0::2], encoded[1::2]))  # (chosen, rejected) of pair i
+    order = length_order(encoded_pairs)  # longest first: rows of similar pairs; the same batches on every run
+    batches = [order[i:i + args.batch_size] for i in range(0, N, args.batch_size)]
+    todo = [b for b in batches if not all(done[2 * i] and done[2 * i + 1] for i in b)]
+    stats = {"tokens": 0, "computed": 0, "seconds": 0.0, "load_seconds": 0.0}
     if todo:
         from tqdm import tqdm
         t0 = time.time()
@@ -671,13 +757,14 @@ def score_reference(k, spec, pairs, fingerprints, args, budget):
         for b in todo:
             if budget[0] is not None and budget[0] <= 0:
                 raise _Stop()
-            input_ids, attention_mask, response_mask = collate([encoded[i] for i in b])
             with torch.inference_mode():
-                out = sequence_logps(model, input_ids.to(args.device), attention_mask.to(args.device),
-                                     response_mask.to(args.device))
-            logps[b] = out.cpu()
-            done[b] = 1
-            stats["tokens"] += sum(len(encoded[i].ids) for i in b)  # real tokens, padding not counted
+                chosen, rejected = pair_logps(model, [encoded_pairs[i] for i in b])  # (B,), (B,)
+            seqs = [2 * i + j for i in b for j in (0, 1)]
+            logps[seqs] = torch.stack([chosen, rejected], dim=1).flatten().cpu()  # interleaved like seqs
+            done[seqs] = 1
+            stats["tokens"] += sum(len(encoded[i].ids) for i in seqs)  # both sequences, the prompt counted twice
+            stats["computed"] += sum(len(c.ids) + len(r.ids) - shared_prefix(c, r) for c, r in
+                                     (encoded_pairs[i] for i in b))  # what the forward passes ran on
             _write_safetensors(partial, {"logps": logps, "done": done}, key)
             bar.update(1)
             if budget[0] is not None:
@@ -708,7 +795,9 @@ def main():
     group.add_argument("--cache-dir", default=default_cache_dir(),
                        help="where GGUF models are cached as safetensors (default: $MRPO_CACHE or ~/.cache/mrpo)")
     group = parser.add_argument_group("Scoring")
-    group.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass")
+    group.add_argument("--batch-size", type=int, default=8,
+                       help="pairs per batch (the unit of progress and resume), packed into rows of "
+                            f"{ROW_TOKENS} tokens")
     group.add_argument("--stop-after-batches", type=int, default=None,
                        help="for tests: stop after scoring this many batches, as if the run were killed")
     args = parser.parse_args()
@@ -739,8 +828,10 @@ def main():
         rejected.append(r)
         refs.append(ref)
         speed = f", {stats['tokens'] / stats['seconds']:.0f} tok/s" if stats["seconds"] else " (resumed)"
+        shared = f", shared prompts saved {1 - stats['computed'] / stats['tokens']:.0%} of the tokens" \
+            if stats["tokens"] else ""
         summary.append(f"{spec}: accuracy {(c > r).float().mean():.2f}, truncated {ref['truncated_rows']}, "
-                       f"straddled {ref['straddled_rows']}, padding {stats['padding']:.1%}{speed}")
+                       f"straddled {ref['straddled_rows']}{speed}{shared}")
         if ref["truncated_rows"]:
             print(f"{spec}: {ref['truncated_rows']} of {len(pairs)} rows truncated to --max-length "
                   f"{args.max_length} (end of prompt kept, then start of response)", file=sys.stderr)

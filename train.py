@@ -2,9 +2,9 @@ r"""Train a policy by DPO, MRPO, Multi-DPO or Mean-Ref with LoRA, optionally on 
 
 The policy starts as reference 1 (the first model in the reference cache) and is trained through LoRA adapters
 (peft). The K reference models are not loaded: their log-probs come from the cache that precompute.py wrote, so
-training holds one model in memory whatever K is. Each optimizer step reads a batch of pairs, runs ONE forward pass
-over the chosen and the rejected responses together, sums the response-token log-probs in float32
-(precompute.sequence_logps, the same code that scored the references) and applies a loss from mrpo.py.
+training holds one model in memory whatever K is. Each optimizer step reads a batch of pairs, runs the chosen and the
+rejected responses after their shared prompt, computed once, in packed rows without padding, sums the response-token
+log-probs in float32 (precompute.pair_logps, the same code that scored the references) and applies a loss from mrpo.py.
 
 CPU demo (what `make demo` runs; the bundled data and the two embedded references):
 
@@ -38,7 +38,7 @@ Where this departs from the paper's setup, and why
 - Dropout in the base model is switched off (as in the DPO reference code), so that the log-probs of a pair do not
   depend on the random state and, at step 0, equal the cached reference-1 log-probs exactly.
 - Batches are drawn by a seeded random permutation of the pairs each epoch (not grouped by length): simplest to
-  reason about, at the cost of some padding.
+  reason about; packing the pairs into rows leaves no padding either way.
 - The schedule is linear warmup then cosine decay to --min-lr over the whole run (--max-steps, or --epochs); the last
   optimizer step uses --min-lr.
 - rewards/accuracies counts a tie (a reward margin under 1e-4 nats) as half a correct pair, not as wrong as TRL does,
@@ -62,8 +62,9 @@ import torch
 from tqdm import tqdm
 
 import mrpo
-from precompute import (CacheMismatchError, DataError, collate, default_cache_dir, encode, load_cache, load_model,
-                        load_tokenizer, model_identity, read_pairs, resolve_device, sequence_logps)
+from precompute import (CacheMismatchError, DataError, default_cache_dir, encode, length_order, load_cache,
+                        load_model, load_tokenizer, model_identity, pair_logps, read_pairs,
+                        resolve_device)
 
 # ----------------------------------------------------------------------------------------------------------------
 # Config
@@ -255,11 +256,11 @@ def get_lr(step):
 
 
 def policy_logps(encs):
-    """One forward over the chosen and the rejected responses of B pairs: returns (chosen (B,), rejected (B,))."""
-    input_ids, attention_mask, response_mask = collate([c for c, _ in encs] + [r for _, r in encs])  # (2B, T)
+    """Log-probs of the chosen and the rejected responses of B pairs, (chosen (B,), rejected (B,), tokens), by
+    precompute.pair_logps: the code that scored the references (shared prompt, packed rows, no padding)."""
     with autocast:
-        logps = sequence_logps(model, input_ids.to(device), attention_mask.to(device), response_mask.to(device))
-    return logps[:len(encs)], logps[len(encs):], int(attention_mask.sum())  # (B,), (B,), tokens
+        chosen, rejected = pair_logps(model, encs)
+    return chosen, rejected, sum(len(c.ids) + len(r.ids) for c, r in encs)  # tokens of the 2B sequences
 
 
 def loss_terms(idx, encs, ref_chosen, ref_rejected):
@@ -280,7 +281,7 @@ def loss_terms(idx, encs, ref_chosen, ref_rejected):
 def evaluate():
     """Mean loss and reward metrics on the held-out set, in eval mode (TRL's eval_ names)."""
     model.eval()
-    order = sorted(range(len(eval_pairs)), key=lambda i: -len(eval_encoded[i][0].ids) - len(eval_encoded[i][1].ids))
+    order = length_order(eval_encoded)  # pairs of similar length fill the packed rows alike
     totals = {}
     for start in tqdm(range(0, len(order), args.eval_batch_size), desc="eval", leave=False, dynamic_ncols=True):
         idx = order[start:start + args.eval_batch_size]

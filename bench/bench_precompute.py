@@ -1,13 +1,14 @@
-"""Benchmark of reference scoring: tokens/s and the share of padding, per reference model and dtype.
+"""Benchmark of reference scoring: tokens/s, per reference model and dtype.
 
     python bench/bench_precompute.py                                   # default models, bf16 and fp32, train set
     python bench/bench_precompute.py --refs smollm2 --dtypes bf16 --rows 100
     python bench/bench_precompute.py --device cuda --refs Qwen/Qwen2.5-7B-Instruct --load-in-4bit --dtypes bf16
 
 It scores the chosen and rejected responses of --rows pairs exactly as precompute.py does (each model's own format,
-length-sorted batches, right padding, float32 log-probs) and prints one line per (model, dtype): model load time,
-tokens/s counting only real tokens (prompt + response; padding excluded), and the padding share of the batches that
-were run, next to the share that batches in file order would have had. Goal: padding <= 10% of tokens.
+pairs sorted by length, --batch-size pairs per precompute.pair_logps call: shared prompts, packed rows, no padding,
+float32 log-probs) and prints one line per (model, dtype): model load time, tokens/s counting the tokens of both
+sequences of each pair (prompt + response, the prompt twice: the same unit as the padded version before it), and the
+share of those tokens that sharing the prompt saves.
 """
 
 import argparse
@@ -38,7 +39,7 @@ def main():
     group.add_argument("--device", default="cpu", help="torch device")
     group.add_argument("--cache-dir", default=precompute.default_cache_dir(), help="GGUF safetensors cache")
     group = parser.add_argument_group("Scoring")
-    group.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass")
+    group.add_argument("--batch-size", type=int, default=8, help="pairs per pair_logps call")
     group.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args()
     if args.threads:
@@ -50,7 +51,7 @@ def main():
     pairs = precompute.read_pairs(args.data)[:args.rows]
     print(f"{len(pairs)} pairs from {args.data}, batch size {args.batch_size}, {torch.get_num_threads()} threads, "
           f"device {args.device}")
-    paddings = []
+    shares = []
     for spec in args.refs:
         for dtype in args.dtypes:
             t0 = time.time()
@@ -58,30 +59,29 @@ def main():
                                                      cache_dir=args.cache_dir)
             load_s = time.time() - t0
             encoded = precompute.encode_pairs(tokenizer, pairs, args.max_length, args.max_prompt_length)
-            lengths = [len(e.ids) for e in encoded]
-            batches = precompute.length_batches(lengths, args.batch_size)
-            in_order = [list(range(i, min(i + args.batch_size, len(encoded))))
-                        for i in range(0, len(encoded), args.batch_size)]
+            encoded = list(zip(encoded[0::2], encoded[1::2]))  # (chosen, rejected) of each pair
+            order = precompute.length_order(encoded)
+            batches = [order[i:i + args.batch_size] for i in range(0, len(order), args.batch_size)]
+            tokens = sum(len(c.ids) + len(r.ids) for c, r in encoded)  # both sequences, the prompt counted twice
+            computed = sum(len(c.ids) + len(r.ids) - precompute.shared_prefix(c, r) for c, r in encoded)
             with torch.inference_mode():  # warm-up: first-call allocations and kernel selection
-                warm = precompute.collate([encoded[i] for i in batches[0]])
-                precompute.sequence_logps(model, *(x.to(args.device) for x in warm))
+                precompute.pair_logps(model, [encoded[i] for i in batches[0]])
                 if args.device.startswith("cuda"):
                     torch.cuda.synchronize()
                 t0 = time.time()
                 for b in tqdm(batches, desc=f"{spec} {dtype}", unit="batch", leave=False):
-                    batch = precompute.collate([encoded[i] for i in b])
-                    precompute.sequence_logps(model, *(x.to(args.device) for x in batch))
+                    precompute.pair_logps(model, [encoded[i] for i in b])
                 if args.device.startswith("cuda"):
                     torch.cuda.synchronize()
                 seconds = time.time() - t0
-            paddings.append(precompute.padding_share(encoded, batches))
-            print(f"{spec:>14} {dtype:>5}: load {load_s:5.1f}s | {sum(lengths) / seconds:7.0f} tokens/s "
-                    f"({sum(lengths)} tokens in {seconds:.1f}s, mean length {sum(lengths) / len(lengths):.0f}) | "
-                  f"padding {paddings[-1]:5.1%} length-sorted, "
-                  f"{precompute.padding_share(encoded, in_order):5.1%} in file order", flush=True)
+            shares.append(1 - computed / tokens)
+            print(f"{spec:>14} {dtype:>5}: load {load_s:5.1f}s | {tokens / seconds:7.0f} tokens/s "
+                  f"({tokens} sequence tokens in {seconds:.1f}s, mean length {tokens / (2 * len(encoded)):.0f}) | "
+                  f"{computed} tokens computed: shared prompts save {shares[-1]:.1%}, padding 0.0% (packed rows)",
+                  flush=True)
             del model
-    print(f"done: {len(paddings)} runs, worst length-sorted padding {max(paddings):.1%} (goal <= 10%)")
-
+    print(f"done: {len(shares)} runs; tokens/s counts the tokens of both sequences of every pair (the unit of the "
+          f"padded version), so it includes the saving of computing each shared prompt once")
 
 if __name__ == "__main__":
     main()

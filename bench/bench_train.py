@@ -4,8 +4,8 @@
     python bench/bench_train.py --dtype bf16 --rounds 10
     python bench/bench_train.py --device cuda --model Qwen/Qwen2.5-7B-Instruct --load-in-4bit --dtype bf16
 
-A step is what train.py does per optimizer step: one forward over the chosen and rejected responses of the batch
-together, summed float32 log-probs, the loss from mrpo.py against K cached reference log-probs, backward, gradient
+A step is what train.py does per optimizer step: precompute.pair_logps over the chosen and rejected responses of the
+batch (shared prompts, packed rows), summed float32 log-probs, the loss from mrpo.py against K cached reference log-probs, backward, gradient
 clipping and an AdamW step on the LoRA weights. The K reference log-probs are synthetic (reference 1's log-probs
 plus noise): MRPO never runs a reference model, so K only changes the (K, B) tensors that enter the loss.
 
@@ -70,11 +70,10 @@ def main():
 
     pairs = precompute.read_pairs(args.data)[:args.batch_size]
     B = len(pairs)
-    encoded = [precompute.encode(tokenizer, p["prompt"], p["chosen"]) for p in pairs] + \
-              [precompute.encode(tokenizer, p["prompt"], p["rejected"]) for p in pairs]
-    input_ids, attention_mask, response_mask = (t.to(device) for t in precompute.collate(encoded))  # (2B, T)
+    encoded = [(precompute.encode(tokenizer, p["prompt"], p["chosen"]),
+                precompute.encode(tokenizer, p["prompt"], p["rejected"])) for p in pairs]
     with torch.no_grad(), autocast:
-        ref1 = precompute.sequence_logps(model, input_ids, attention_mask, response_mask).float()  # (2B,)
+        ref1 = torch.cat(precompute.pair_logps(model, encoded)).float()  # (2B,) chosen, then rejected
     g = torch.Generator().manual_seed(0)
     max_k = max(args.ks)
     noise = torch.randn(max_k, 2 * B, generator=g).to(device) * 5  # other references: within ~5 nats
@@ -94,7 +93,7 @@ def main():
         saved[0], saved[1] = 0, set()
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             with autocast:
-                logps = precompute.sequence_logps(model, input_ids, attention_mask, response_mask)  # (2B,)
+                logps = torch.cat(precompute.pair_logps(model, encoded))  # (2B,)
             rc, rr = refs[:K, :B], refs[:K, B:]  # (K, B)
             losses, _, _ = mrpo.compute_loss(loss_name, logps[:B], logps[B:], rc, rr, 0.1)
         losses.mean().backward()
@@ -161,10 +160,11 @@ def main():
             saved_bytes[c] = max(saved_bytes[c], saved[0])
     loss_seconds = {c: loss_only(*c) for c in configs}
 
-    tokens = int(attention_mask.sum())
+    tokens = sum(len(c.ids) + len(r.ids) for c, r in encoded)
+    computed = sum(len(c.ids) + len(r.ids) - precompute.shared_prefix(c, r) for c, r in encoded)
     dpo_time, dpo_mem = statistics.median(times[("dpo", 1)]), memory[("dpo", 1)]
     print(f"{args.model} {args.dtype}{' 4-bit' if args.load_in_4bit else ''} + LoRA r={args.lora_r} on {device}, "
-          f"batch {B} pairs ({2 * B} sequences, {tokens} tokens, T={input_ids.shape[1]}), "
+          f"batch {B} pairs ({2 * B} sequences, {tokens} tokens, {computed} computed), "
           f"median of {args.rounds} steps")
     dpo_saved, dpo_loss = saved_bytes[("dpo", 1)], loss_seconds[("dpo", 1)]
     peak_name = "peak MiB" if device.type == "cuda" else "peak RSS MiB"

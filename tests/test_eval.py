@@ -23,6 +23,13 @@ BETA = 0.1
 
 
 
+def plain_logp(model, encoded):
+    """One sequence alone, full logits, summed response log-probs: independent of eval.py's pair_logps."""
+    with torch.no_grad():
+        logps = model(input_ids=torch.tensor([encoded.ids])).logits[0].float().log_softmax(-1)
+    return float(sum(logps[t - 1, encoded.ids[t]] for t in range(encoded.start, len(encoded.ids))))
+
+
 @pytest.fixture(scope="module")
 def setup(smollm2, reference_cache, tmp_path_factory):
     """6 bundled pairs, their cache, and a random LoRA adapter saved in peft's format, with its policy log-probs."""
@@ -38,10 +45,8 @@ def setup(smollm2, reference_cache, tmp_path_factory):
     pairs = precompute.read_pairs(data)
     logps = {}
     for name, m in (("base", model), ("adapter", policy)):
-        with torch.no_grad():  # one pair at a time, no padding: independent of eval.py's batching
-            out = [float(precompute.sequence_logps(m, *precompute.collate([precompute.encode(tokenizer, p["prompt"],
-                                                                                            p[f])])))
-                   for p in pairs for f in ("chosen", "rejected")]
+        out = [plain_logp(m, precompute.encode(tokenizer, p["prompt"], p[f]))
+               for p in pairs for f in ("chosen", "rejected")]
         logps[name] = torch.tensor(out[0::2]), torch.tensor(out[1::2])
     return data, cache, adapter, logps
 

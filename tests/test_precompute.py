@@ -16,8 +16,8 @@ import pytest
 import torch
 
 import precompute
-from precompute import (CacheMismatchError, DataError, Encoded, collate, encode, length_batches, load_cache,
-                        pair_fingerprint, read_pairs, sequence_logps)
+from precompute import (CacheMismatchError, DataError, Encoded, encode, length_order, load_cache, pack_row,
+                        pair_fingerprint, pair_logps, read_pairs)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "data", "train.jsonl")
@@ -113,52 +113,21 @@ def test_pair_fingerprint():
 # ---------------------------------------------------------------------------------------------------------------
 # Padding and batching, without a model
 
-def test_collate_masks_come_from_lengths_not_pad_id():
+def test_pack_row_scores_from_lengths_not_pad_id():
     # id 2 is EOS and pad for SmolLM2: a sequence that ends with it must keep it as a scored token
-    encoded = [Encoded([1, 5, 6, 7, 2], 3, False), Encoded([1, 8, 2], 1, False), Encoded([1, 2, 9, 2, 2, 2], 2, False)]
-    input_ids, attention_mask, response_mask = collate(encoded)
-    assert input_ids.shape == (3, 6) and attention_mask.dtype == torch.long and response_mask.dtype == torch.bool
-    assert attention_mask.tolist() == [[1, 1, 1, 1, 1, 0], [1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1]]
-    assert response_mask.tolist() == [[0, 0, 0, 1, 1, 0], [0, 1, 1, 0, 0, 0], [0, 0, 1, 1, 1, 1]]
-    for b, e in enumerate(encoded):
-        assert input_ids[b, :len(e.ids)].tolist() == e.ids
+    pairs = [(Encoded([1, 5, 6, 7, 2], 3, False), Encoded([1, 2, 9, 2, 2, 2], 2, False))]
+    row = pack_row(pairs)
+    assert row.targets.tolist() == [7, 2, 9, 2, 2, 2]
+    assert row.sequence.tolist() == [0, 0, 1, 1, 1, 1]
 
 
-def test_length_batches_cover_every_index_once_and_sort():
-    lengths = [5, 30, 7, 30, 12, 1, 9, 22, 3]
-    batches = length_batches(lengths, 4)
-    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
-    assert all(len(b) <= 4 for b in batches)
-    flat = [lengths[i] for b in batches for i in b]
-    assert flat == sorted(lengths, reverse=True)
-    assert length_batches(lengths, 4) == batches  # deterministic
-
-
-class TinyLM(torch.nn.Module):
-    """A causal toy model (each logit depends on the current and previous token) for mask alignment checks."""
-
-    def __init__(self, vocab=11):
-        super().__init__()
-        torch.manual_seed(0)
-        self.a, self.b = torch.nn.Embedding(vocab, vocab), torch.nn.Embedding(vocab, vocab)
-
-    def forward(self, input_ids, attention_mask=None, use_cache=False):
-        prev = torch.cat([input_ids[:, :1], input_ids[:, :-1]], dim=1)
-        return type("Out", (), {"logits": self.a(input_ids) + self.b(prev)})()
-
-
-def test_sequence_logps_alignment_and_gradient():
-    model = TinyLM()
-    encoded = [Encoded([1, 3, 4, 5, 2], 2, False), Encoded([1, 6, 2], 2, False)]
-    logps = sequence_logps(model, *collate(encoded))
-    assert logps.dtype == torch.float32 and logps.shape == (2,)
-    for b, e in enumerate(encoded):  # independent: position t-1 predicts token t, t = start .. len-1
-        with torch.no_grad():
-            logits = model(torch.tensor([e.ids])).logits[0].log_softmax(-1)
-        expected = sum(float(logits[t - 1, e.ids[t]]) for t in range(e.start, len(e.ids)))
-        assert abs(logps[b].item() - expected) < 1e-5
-    logps.sum().backward()
-    assert model.a.weight.grad is not None and model.a.weight.grad.abs().sum() > 0
+def test_length_order_covers_every_pair_once_longest_first():
+    lengths = [5, 30, 7, 30, 12, 1, 9, 22, 3]  # the two responses of pair i: i tokens of shared prompt each
+    pairs = [(Encoded(list(range(n + 2)), 1, False), Encoded(list(range(n + 2)), 1, False)) for n in lengths]
+    order = length_order(pairs)
+    assert sorted(order) == list(range(len(lengths)))
+    assert [lengths[i] for i in order] == sorted(lengths, reverse=True)
+    assert order[:2] == [1, 3]  # ties by index: deterministic
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -219,7 +188,8 @@ def test_batched_equals_one_at_a_time(request, family, pairs_small):
     encoded = precompute.encode_pairs(tokenizer, pairs_small)  # 16 sequences of different lengths, one batch
     assert len({len(e.ids) for e in encoded}) > 3
     with torch.no_grad():
-        batched = sequence_logps(model, *collate(encoded))
+        chosen, rejected = pair_logps(model, list(zip(encoded[0::2], encoded[1::2])))
+        batched = torch.stack([chosen, rejected], dim=1).flatten()  # interleaved like encoded
     alone = torch.tensor([slow_logp(model, e) for e in encoded])
     assert torch.allclose(batched, alone, atol=TOL, rtol=0), (batched - alone).abs().max()
 
@@ -243,8 +213,7 @@ def test_split_scores_exactly_the_response(request, family, pairs_small):
                 assert e.ids[0] == tokenizer.bos_token_id == 2  # Gemma needs BOS
             assert tokenizer.decode(e.ids[:e.start]) == rendered
             assert e.ids[-1] == tokenizer.eos_token_id
-            _, _, response_mask = collate([e])
-            assert response_mask[0].nonzero().flatten().tolist() == list(range(e.start, len(e.ids)))
+            assert pack_row([(e, e)]).targets.tolist() == e.ids[e.start:] * 2  # scored: the response, both sides
 
 
 def test_chat_split_matches_full_render(smollm2, pairs_small):
@@ -288,17 +257,18 @@ def test_truncation_keeps_prompt_end_and_response_start(smollm2):
     assert len(short.ids) == 120
 
 
-def test_sequence_logps_is_differentiable_and_float32(smollm2, pairs_small):
+def test_pair_logps_is_differentiable_and_float32(smollm2, pairs_small):
     model, tokenizer = smollm2
     encoded = precompute.encode_pairs(tokenizer, pairs_small[:2])
-    logps = sequence_logps(model, *collate(encoded))
+    encoded = list(zip(encoded[0::2], encoded[1::2]))
+    logps = torch.cat(pair_logps(model, encoded))
     assert logps.requires_grad and logps.dtype == torch.float32
     weight = model.get_input_embeddings().weight
     grad, = torch.autograd.grad(logps.sum(), weight)
     assert grad.abs().sum() > 0
     bf16, _ = precompute.load_model("smollm2", dtype="bf16")
     with torch.no_grad():
-        logps_bf16 = sequence_logps(bf16, *collate(encoded))
+        logps_bf16 = torch.cat(pair_logps(bf16, encoded))
     assert logps_bf16.dtype == torch.float32
     assert torch.allclose(logps_bf16, logps.detach(), atol=0.5 + 0.05 * logps.abs().max().item())
 
@@ -324,11 +294,12 @@ def test_resume_gives_identical_file(tmp_path, monkeypatch, capsys, pairs_small,
     assert "(resumed)" not in capsys.readouterr().out  # 4 of 6 batches were still to do
     assert open(straight, "rb").read() == open(resumed, "rb").read()
     assert not os.path.exists(resumed + ".partial")
-    # the cache holds what sequence_logps gives for the same rows
+    # the cache holds what pair_logps gives for the same rows
     cache = load_cache(straight, read_pairs(data))
     model, tokenizer = smollm2
     with torch.no_grad():
-        chosen = sequence_logps(model, *collate([encode(tokenizer, p["prompt"], p["chosen"]) for p in pairs_small[:6]]))
+        chosen, _ = pair_logps(model, [(encode(tokenizer, p["prompt"], p["chosen"]),
+                                        encode(tokenizer, p["prompt"], p["rejected"])) for p in pairs_small[:6]])
     assert torch.allclose(cache["chosen_logps"][0], chosen, atol=TOL, rtol=0)
     assert cache["refs"][0]["name"] == "smollm2" and cache["refs"][0]["format"] == "chat_template"
 

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 import precompute
-from precompute import collate, encode, sequence_logps
+from precompute import encode, pair_logps
 
 TOL = 1e-5  # fp32, tiny models: batched vs one pair at a time
 
@@ -231,10 +231,12 @@ def test_batched_equals_one_pair_at_a_time(families, name, pairs_small):
                                                                                    rows(pairs_small)[1::2])]
     encoded = [encode(f.tokenizer, prompt, response) for prompt, chosen, rejected in pairs
                for response in (chosen, rejected)]
-    assert len({len(e.ids) for e in encoded}) > 2  # padding is exercised
+    assert len({len(e.ids) for e in encoded}) > 2  # sequences of different lengths
+    encoded_pairs = list(zip(encoded[0::2], encoded[1::2]))
     with torch.no_grad():
-        batched = sequence_logps(model, *collate(encoded))
-        per_pair = torch.cat([sequence_logps(model, *collate(encoded[i:i + 2])) for i in range(0, len(encoded), 2)])
+        chosen, rejected = pair_logps(model, encoded_pairs, row_tokens=10_000)  # every pair in one packed row
+        batched = torch.stack([chosen, rejected], dim=1).flatten()  # interleaved like encoded
+        per_pair = torch.cat([torch.cat(pair_logps(model, [p])) for p in encoded_pairs])
     alone = torch.tensor([slow_logps(model, e) for e in encoded])
     torch.testing.assert_close(batched, per_pair, atol=TOL, rtol=TOL)
     torch.testing.assert_close(batched, alone, atol=TOL, rtol=TOL)
@@ -299,6 +301,5 @@ def test_straddled_rows_are_counted_and_reported(tmp_path, monkeypatch, capsys, 
     assert cache["refs"][0]["straddled_rows"] == 2 and cache["refs"][0]["truncated_rows"] == 0
     encoded = [encode(tok, p["prompt"], p["chosen"]) for p in pairs]
     assert all(e.straddled for e in encoded)
-    with torch.no_grad():
-        expected = sequence_logps(model, *collate(encoded))
+    expected = torch.tensor([slow_logps(model, e) for e in encoded])
     torch.testing.assert_close(cache["chosen_logps"][0], expected, atol=TOL, rtol=TOL)

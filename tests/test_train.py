@@ -100,13 +100,13 @@ def test_adapter_loads_with_peft_and_changes_the_policy(easy_run, smollm2, easy)
     out, _ = easy_run
     base, tokenizer = smollm2
     pairs = precompute.read_pairs(easy[0])[:2]
-    enc = [precompute.encode(tokenizer, p["prompt"], p[f]) for p in pairs for f in ("chosen", "rejected")]
-    batch = precompute.collate(enc)
+    enc = [(precompute.encode(tokenizer, p["prompt"], p["chosen"]), precompute.encode(tokenizer, p["prompt"],
+                                                                                      p["rejected"])) for p in pairs]
     with torch.no_grad():
-        before = precompute.sequence_logps(base, *batch)
+        before = torch.stack(precompute.pair_logps(base, enc), dim=1).flatten()  # c0 r0 c1 r1
         policy = PeftModel.from_pretrained(copy.deepcopy(base), str(out))
         policy.eval()
-        after = precompute.sequence_logps(policy, *batch)
+        after = torch.stack(precompute.pair_logps(policy, enc), dim=1).flatten()
     saved = load_file(os.path.join(out, "adapter_model.safetensors"))
     loaded = {k: v for k, v in policy.state_dict().items() if "lora_" in k}
     assert len(saved) == len(loaded) > 0
@@ -190,15 +190,15 @@ def lora_grads_after_eval_pass(dense_base, tokenizer, pairs, guard):
     quantized = get_peft_model(quantized, LoraConfig(**config))
     dense = get_peft_model(dense, LoraConfig(**config))
     set_peft_model_state_dict(dense, get_peft_model_state_dict(quantized))
-    batch = precompute.collate([precompute.encode(tokenizer, p["prompt"], p[f]) for p in pairs
-                                for f in ("chosen", "rejected")])
+    batch = [(precompute.encode(tokenizer, p["prompt"], p["chosen"]), precompute.encode(tokenizer, p["prompt"],
+                                                                                        p["rejected"])) for p in pairs]
     quantized.eval()
     with torch.no_grad():  # the evaluation pass that makes bitsandbytes repack its weights on AVX512-BF16 CPUs
-        precompute.sequence_logps(quantized, *batch)
+        precompute.pair_logps(quantized, batch)
     grads = []
     for model in (quantized, dense):
         model.train()
-        precompute.sequence_logps(model, *batch).sum().backward()
+        sum(precompute.pair_logps(model, batch)).sum().backward()
         grads.append({n: p.grad if p.grad is not None else torch.zeros_like(p)
                       for n, p in model.named_parameters() if p.requires_grad})
     return grads

@@ -1,0 +1,184 @@
+"""precompute.pair_logps (prefix sharing, packed rows, output layer on scored positions only) against a plain
+forward of each sequence alone: the same per-pair log-probs, the same loss for every loss of mrpo.LOSSES, and the
+same LoRA gradients, to float32 rounding.
+
+The reference here is deliberately naive: each sequence is run alone through model(input_ids).logits over the whole
+vocabulary at every position, and its response tokens t >= max(start, 1) are summed, nothing shared or skipped.
+"""
+
+import os
+
+import pytest
+import torch
+
+import mrpo
+import precompute
+from precompute import Encoded
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def plain_logps(model, encoded_pairs):
+    """(chosen (B,), rejected (B,)): every sequence alone, full logits, summed response log-probs."""
+    out = []
+    for seq in [c for c, _ in encoded_pairs] + [r for _, r in encoded_pairs]:
+        logits = model(input_ids=torch.tensor([seq.ids])).logits[0].float()  # (T, V)
+        logps = torch.log_softmax(logits, dim=-1)
+        out.append(sum((logps[t - 1, seq.ids[t]] for t in range(max(seq.start, 1), len(seq.ids))), torch.tensor(0.0)))
+    out = torch.stack(out)
+    return out[:len(encoded_pairs)], out[len(encoded_pairs):]
+
+
+def random_pairs(vocab, seed=0):
+    """Pairs that cover the layouts pair_logps must handle: a shared prompt; prompts that differ at the start
+    (truncation kept different ends); prompts that differ only near the end; different prompt lengths; one response
+    far longer than the other; a one-token response; and an empty (fully truncated) response."""
+    g = torch.Generator().manual_seed(seed)
+
+    def ids(n):
+        return torch.randint(1, vocab, (n,), generator=g).tolist()
+
+    p, q = ids(20), ids(14)
+    return [
+        (Encoded(p + ids(6), 20, False), Encoded(p + ids(9), 20, False)),
+        (Encoded(ids(12) + ids(5), 12, True), Encoded(ids(12) + ids(7), 12, True)),  # prompts differ from token 0
+        (Encoded(q + ids(3), 14, False), Encoded(q[:11] + ids(3) + ids(4), 14, True)),  # differ from token 11
+        (Encoded(q + ids(5), 14, False), Encoded(q[:10] + ids(6), 10, True)),  # different prompt lengths
+        (Encoded(p[:8] + ids(60), 8, False), Encoded(p[:8] + ids(2), 8, False)),  # one response much longer
+        (Encoded(p[:5] + ids(1), 5, False), Encoded(p[:5] + ids(4), 5, False)),  # a one-token response
+        (Encoded(p[:9], 9, True), Encoded(p[:9] + ids(3), 9, False)),  # nothing left to score on one side
+    ]
+
+
+def tiny_llama(attn):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         attn_implementation=attn)
+    return LlamaForCausalLM(config).eval()
+
+
+def tiny_gemma3(attn):
+    """Gemma 3 with a sliding window of 6 positions in every other layer (so it binds in these short sequences)
+    and a final logit soft-cap, both of which pair_logps must reproduce."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+    torch.manual_seed(0)
+    config = Gemma3TextConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                              num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=256,
+                              sliding_window=6, layer_types=["sliding_attention", "full_attention"] * 2,
+                              final_logit_softcapping=5.0, query_pre_attn_scalar=8, attn_implementation=attn)
+    model = Gemma3ForCausalLM(config).eval()
+    with torch.no_grad():  # the random init is near zero; make the logits large enough for the soft-cap to matter
+        model.lm_head.weight.mul_(40)
+    return model
+
+
+def tiny_qwen2(attn):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         attn_implementation=attn)
+    return Qwen2ForCausalLM(config).eval()
+
+
+MODELS = {"llama": tiny_llama, "gemma3": tiny_gemma3, "qwen2": tiny_qwen2}
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("row_tokens", [1, 100, 10_000])  # a row per pair, a few pairs per row, all in one row
+def test_pair_logps_equal_plain_forward(name, attn, row_tokens):
+    model = MODELS[name](attn)
+    pairs = random_pairs(model.config.vocab_size)
+    with torch.no_grad():
+        fast = precompute.pair_logps(model, pairs, row_tokens=row_tokens)
+        plain = plain_logps(model, pairs)
+    for f, p in zip(fast, plain):
+        assert f.dtype == torch.float32 and f.shape == (len(pairs),)
+        torch.testing.assert_close(f, p, rtol=1e-5, atol=1e-4)
+    assert fast[0][-1] == 0 and plain[0][-1] == 0  # the fully truncated response scores nothing
+
+
+def test_gemma3_window_and_softcap_are_not_dropped():
+    """The test above would pass vacuously if the window or the soft-cap did nothing: show both change the result."""
+    model = tiny_gemma3("sdpa")
+    pairs = random_pairs(model.config.vocab_size)
+    with torch.no_grad():
+        reference = plain_logps(model, pairs)[0]
+        model.config.sliding_window = 10_000
+        no_window = plain_logps(model, pairs)[0]
+        model.config.sliding_window = 6
+        model.config.final_logit_softcapping = None
+        no_cap = plain_logps(model, pairs)[0]
+    assert (reference - no_window).abs().max() > 1e-2
+    assert (reference - no_cap).abs().max() > 1e-2
+
+
+def test_layout_of_a_packed_row():
+    """Hand-checked row: pair 0 shares 2 prompt tokens, pair 1 shares none (its prompts differ at token 0)."""
+    pairs = [(Encoded([1, 2, 3, 4], 2, False), Encoded([1, 2, 5], 2, False)),
+             (Encoded([7, 8], 1, False), Encoded([6, 9], 1, False))]
+    row = precompute.pack_row(pairs)
+    assert row.input_ids.tolist() == [[1, 2, 3, 4, 5, 7, 8, 6, 9]]
+    assert row.position_ids.tolist() == [[0, 1, 2, 3, 2, 0, 1, 0, 1]]
+    assert row.branch.tolist() == [0, 0, 1, 1, 2, 1, 1, 2, 2]
+    assert row.predictors.tolist() == [1, 2, 1, 5, 7]  # 3 after 2, 4 after 3, 5 after 2, 8 after 7, 9 after 6
+    assert row.targets.tolist() == [3, 4, 5, 8, 9]
+    assert row.sequence.tolist() == [0, 0, 1, 2, 3]
+    mask = precompute.attention_mask(tiny_llama("sdpa").config, row)[0, 0]
+    assert mask[4].tolist() == [True, True, False, False, True, False, False, False, False]  # 5 sees 1 2 5 only
+    assert mask[7].tolist() == [False] * 7 + [True, False]  # pair 1's rejected token 6 sees itself only
+
+
+def lora(model):
+    from peft import LoraConfig, get_peft_model
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj",
+                                                                              "o_proj", "gate_proj", "up_proj",
+                                                                              "down_proj"]))
+    with torch.no_grad():  # LoRA B starts at zero; give it values so the gradients of A are not all zero
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    return model
+
+
+@pytest.mark.parametrize("loss", sorted(mrpo.LOSSES))
+@pytest.mark.parametrize("name", ["llama", "gemma3"])
+def test_every_loss_and_lora_gradient_equal_plain_forward(name, loss):
+    model = lora(MODELS[name]("sdpa"))
+    pairs = random_pairs(model.config.vocab_size, seed=1)[:6]  # K=2 fake references around the policy's log-probs
+    g = torch.Generator().manual_seed(2)
+    ref_chosen, ref_rejected = torch.randn(2, len(pairs), generator=g) - 30, torch.randn(2, len(pairs), generator=g) - 30
+    results = []
+    for forward in (precompute.pair_logps, plain_logps):
+        model.zero_grad(set_to_none=True)
+        pc, pr = forward(model, pairs)
+        losses, _, _ = mrpo.compute_loss(loss, pc, pr, ref_chosen, ref_rejected, beta=0.1)
+        losses.mean().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        results.append((pc.detach(), pr.detach(), losses.detach(), grads))
+    (fc, fr, fl, fg), (pc, pr, pl, pg) = results
+    torch.testing.assert_close(fc, pc, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(fr, pr, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(fl, pl, rtol=1e-5, atol=1e-6)
+    assert len(fg) > 0 and fg.keys() == pg.keys()
+    assert max(g.abs().max() for g in pg.values()) > 1e-4  # the gradients are not all zero
+    for n in pg:
+        torch.testing.assert_close(fg[n], pg[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_smollm2_real_pairs_equal_plain_forward(smollm2):
+    """Two real hh-rlhf pairs (multi-turn chat) through SmolLM2, one of them truncated so its prompts differ."""
+    model, tokenizer = smollm2
+    rows = precompute.read_pairs(os.path.join(ROOT, "data", "hh-rlhf-harmless", "train.jsonl"))[:2]
+    pairs = [(precompute.encode(tokenizer, p["prompt"], p["chosen"], 96, 48),
+              precompute.encode(tokenizer, p["prompt"], p["rejected"], 96, 48)) for p in rows]
+    pairs.append((precompute.encode(tokenizer, rows[1]["prompt"], rows[1]["chosen"]),
+                  precompute.encode(tokenizer, rows[1]["prompt"], rows[1]["rejected"])))
+    assert any(c.truncated or r.truncated for c, r in pairs)
+    with torch.no_grad():
+        fast, plain = precompute.pair_logps(model, pairs), plain_logps(model, pairs)
+    for f, p in zip(fast, plain):
+        torch.testing.assert_close(f, p, rtol=1e-5, atol=2e-4)
