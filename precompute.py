@@ -318,8 +318,47 @@ def load_tokenizer(spec, cache_dir=None):
 
 
 def resolve_device(name):
-    """The --device option of every script: "auto" is cuda if available, else cpu; anything else is a torch device."""
-    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+    """The --device option of every script: "auto" is cuda if available, else cpu; anything else is a torch device.
+    Under torchrun, "auto" and "cuda" mean this process's GPU, cuda:LOCAL_RANK."""
+    name = ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
+    if name == "cuda" and "LOCAL_RANK" in os.environ:
+        name = f"cuda:{os.environ['LOCAL_RANK']}"
+    return torch.device(name)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# More than one process (torchrun): PyTorch's own torch.distributed, NCCL between GPUs, Gloo on CPU
+
+def init_distributed():
+    """(rank, world_size): join the process group when started by torchrun (which sets RANK, WORLD_SIZE, LOCAL_RANK
+    and the rendezvous address), else (0, 1) and nothing happens. Every script calls it once at its start."""
+    if "RANK" not in os.environ:
+        return 0, 1
+    import torch.distributed as dist
+    if torch.cuda.is_available():  # one GPU per process; CPU tensors (gathered Python objects) still go through Gloo
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        dist.init_process_group("cpu:gloo,cuda:nccl")
+    else:
+        dist.init_process_group("gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def rank_and_world():
+    """(rank, world_size) of this process: (0, 1) unless init_distributed joined a process group."""
+    import torch.distributed as dist
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+
+
+def gather(obj):
+    """[obj of rank 0, obj of rank 1, ...] on every rank (picklable objects: floats, dicts, CPU tensors); [obj] in one
+    process. A collective: every rank must call it, in the same order."""
+    rank, world = rank_and_world()
+    if world == 1:
+        return [obj]
+    import torch.distributed as dist
+    out = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def load_model(spec, dtype="fp32", load_in_4bit=False, load_in_8bit=False, device="cpu", cache_dir=None):
@@ -731,20 +770,30 @@ def score_reference(k, spec, pairs, fingerprints, args, budget):
            "truncated_rows": sum(encoded[2 * i].truncated or encoded[2 * i + 1].truncated for i in range(N)),
            "straddled_rows": sum(encoded[2 * i].straddled or encoded[2 * i + 1].straddled for i in range(N))}
     key = {"ref": json.dumps(ref, sort_keys=True), "rows": _sha(json.dumps(fingerprints))}
-    partial = os.path.join(args.out + ".partial", f"ref{k}.safetensors")
+    # One process keeps its progress in ref{k}.safetensors; under torchrun rank r keeps its own in
+    # ref{k}.rank{r}.safetensors. A run resumes from all of them, whatever world size wrote them.
+    rank, world = rank_and_world()
+    directory = os.path.join(args.out + ".partial")
+    partial = os.path.join(directory, f"ref{k}.safetensors" if world == 1 else f"ref{k}.rank{rank}.safetensors")
     logps, done = torch.zeros(2 * N), torch.zeros(2 * N, dtype=torch.uint8)  # interleaved chosen/rejected
-    if os.path.isfile(partial):
-        tensors, meta = _read_safetensors(partial)
+    names = sorted(os.listdir(directory)) if os.path.isdir(directory) else []
+    for name in [n for n in names if n == f"ref{k}.safetensors" or n.startswith(f"ref{k}.rank")]:
+        tensors, meta = _read_safetensors(os.path.join(directory, name))
         if meta == key:
-            logps, done = tensors["logps"], tensors["done"]
-        else:
-            print(f"{partial} was made with other settings or data; scoring reference {spec} from the start",
+            finished = tensors["done"].bool()
+            logps[finished], done[finished] = tensors["logps"][finished], 1
+        elif rank == 0:
+            print(f"{os.path.join(directory, name)} was made with other settings or data; not resuming from it",
                   file=sys.stderr)
+
+    if world > 1:  # every rank has read the same partial files before any rank writes its own
+        torch.distributed.barrier()
 
     encoded_pairs = list(zip(encoded[0::2], encoded[1::2]))  # (chosen, rejected) of pair i
     order = length_order(encoded_pairs)  # longest first: rows of similar pairs; the same batches on every run
     batches = [order[i:i + args.batch_size] for i in range(0, N, args.batch_size)]
     todo = [b for b in batches if not all(done[2 * i] and done[2 * i + 1] for i in b)]
+    n_todo, todo = len(todo), todo[rank::world]  # under torchrun the batches left are dealt to the ranks in turn
     stats = {"tokens": 0, "computed": 0, "seconds": 0.0, "load_seconds": 0.0}
     if todo:
         from tqdm import tqdm
@@ -752,8 +801,8 @@ def score_reference(k, spec, pairs, fingerprints, args, budget):
         model, _ = load_model(spec, args.dtype, args.load_in_4bit, args.load_in_8bit, args.device, args.cache_dir)
         stats["load_seconds"] = time.time() - t0
         t0 = time.time()
-        bar = tqdm(total=len(batches), initial=len(batches) - len(todo), unit="batch",
-                   desc=f"ref {k + 1} {spec}", dynamic_ncols=True)
+        bar = tqdm(total=len(batches), initial=len(batches) - n_todo, unit="batch",
+                   desc=f"ref {k + 1} {spec}", dynamic_ncols=True, disable=rank != 0)
         for b in todo:
             if budget[0] is not None and budget[0] <= 0:
                 raise _Stop()
@@ -766,12 +815,18 @@ def score_reference(k, spec, pairs, fingerprints, args, budget):
             stats["computed"] += sum(len(c.ids) + len(r.ids) - shared_prefix(c, r) for c, r in
                                      (encoded_pairs[i] for i in b))  # what the forward passes ran on
             _write_safetensors(partial, {"logps": logps, "done": done}, key)
-            bar.update(1)
+            bar.update(min(world, bar.total - bar.n))  # the other ranks score a batch each meanwhile
             if budget[0] is not None:
                 budget[0] -= 1
         bar.close()
         stats["seconds"] = time.time() - t0
         del model
+    if world > 1:  # every rank gets all ranks' scores (each sequence scored by exactly one rank)
+        parts = gather((logps, done, stats))
+        for part_logps, part_done, _ in parts:
+            logps[part_done.bool()] = part_logps[part_done.bool()]
+        stats = {name: sum(s[name] for _, _, s in parts) for name in ("tokens", "computed")} | \
+            {name: max(s[name] for _, _, s in parts) for name in ("seconds", "load_seconds")}
     return logps[0::2].clone(), logps[1::2].clone(), ref, stats
 
 
@@ -799,12 +854,14 @@ def main():
                        help="pairs per batch (the unit of progress and resume), packed into rows of "
                             f"{ROW_TOKENS} tokens")
     group.add_argument("--stop-after-batches", type=int, default=None,
-                       help="for tests: stop after scoring this many batches, as if the run were killed")
+                       help="for tests: stop after scoring this many batches (per process under torchrun), as if "
+                            "the run were killed")
     args = parser.parse_args()
     if args.load_in_4bit and args.load_in_8bit:
         parser.error("choose one of --load-in-4bit and --load-in-8bit")
     if not 0 < args.max_prompt_length < args.max_length:
         parser.error("need 0 < --max-prompt-length < --max-length")
+    rank, world = init_distributed()  # under torchrun: each rank scores every world-th batch, rank 0 writes OUT
     args.device = str(resolve_device(args.device))
 
     t_start = time.time()
@@ -823,7 +880,7 @@ def main():
         except _Stop:
             print(f"stopped after {args.stop_after_batches} batches (--stop-after-batches); run the same command "
                   f"again to resume", file=sys.stderr)
-            sys.exit(3)
+            sys.exit(3)  # under torchrun this rank's exit ends the others too (torchrun stops all on a failure)
         chosen.append(c)
         rejected.append(r)
         refs.append(ref)
@@ -832,21 +889,24 @@ def main():
             if stats["tokens"] else ""
         summary.append(f"{spec}: accuracy {(c > r).float().mean():.2f}, truncated {ref['truncated_rows']}, "
                        f"straddled {ref['straddled_rows']}{speed}{shared}")
-        if ref["truncated_rows"]:
+        if ref["truncated_rows"] and rank == 0:
             print(f"{spec}: {ref['truncated_rows']} of {len(pairs)} rows truncated to --max-length "
                   f"{args.max_length} (end of prompt kept, then start of response)", file=sys.stderr)
-        if ref["straddled_rows"]:
+        if ref["straddled_rows"] and rank == 0:
             print(f"{spec}: {ref['straddled_rows']} of {len(pairs)} rows have a token straddling the prompt/response "
                   f"boundary; it is scored as response (see 'How a reference sees the text' in precompute.py)",
                   file=sys.stderr)
 
-    metadata = {"format": CACHE_FORMAT, "fingerprints": json.dumps(fingerprints), "refs": json.dumps(refs),
-                "data": args.data}
-    _write_safetensors(args.out, {"chosen_logps": torch.stack(chosen), "rejected_logps": torch.stack(rejected)},
-                       metadata)
-    shutil.rmtree(args.out + ".partial", ignore_errors=True)
-    print(f"wrote {args.out}: {len(pairs)} pairs x {len(refs)} refs in {time.time() - t_start:.0f}s | "
-          + " | ".join(summary))
+    if rank == 0:  # every rank holds the whole result (score_reference gathered it); one writes it
+        metadata = {"format": CACHE_FORMAT, "fingerprints": json.dumps(fingerprints), "refs": json.dumps(refs),
+                    "data": args.data}
+        _write_safetensors(args.out, {"chosen_logps": torch.stack(chosen), "rejected_logps": torch.stack(rejected)},
+                           metadata)
+        shutil.rmtree(args.out + ".partial", ignore_errors=True)
+        print(f"wrote {args.out}: {len(pairs)} pairs x {len(refs)} refs in {time.time() - t_start:.0f}s | "
+              + " | ".join(summary) + (f" | {world} processes" if world > 1 else ""))
+    if world > 1:
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -59,12 +59,14 @@ import tempfile
 import time
 
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 import mrpo
 from precompute import (CacheMismatchError, DataError, default_cache_dir, encode, length_order, load_cache,
                         load_model, load_tokenizer, model_identity, pair_logps, read_pairs,
                         resolve_device)
+from precompute import gather, init_distributed
 
 # ----------------------------------------------------------------------------------------------------------------
 # Config
@@ -130,7 +132,8 @@ def fail(message):
     sys.exit(2)
 
 
-device = resolve_device(args.device)
+rank, world = init_distributed()  # under torchrun: this process's rank of `world`; (0, 1) without it
+device = resolve_device(args.device)  # under torchrun on GPUs: cuda:LOCAL_RANK
 if args.no_clip and args.eps is not None:
     fail(f"--eps {args.eps} sets the CTRO trust region, which --no-clip turns off; fix: drop one of --eps and --no-clip")
 if args.batch_size % args.grad_accum:
@@ -243,6 +246,9 @@ if args.load_in_4bit:
             module.support_avx512bf16_for_cpu = False
 params = [p for p in model.parameters() if p.requires_grad]
 n_trainable = sum(p.numel() for p in params)
+if world > 1:  # every rank starts from rank 0's LoRA weights (they are seeded alike anyway; DDP does the same)
+    for p in params:
+        dist.broadcast(p.data, src=0)
 optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
 autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
 
@@ -282,12 +288,14 @@ def evaluate():
     """Mean loss and reward metrics on the held-out set, in eval mode (TRL's eval_ names)."""
     model.eval()
     order = length_order(eval_encoded)  # pairs of similar length fill the packed rows alike
+    batches = [order[start:start + args.eval_batch_size] for start in range(0, len(order), args.eval_batch_size)]
     totals = {}
-    for start in tqdm(range(0, len(order), args.eval_batch_size), desc="eval", leave=False, dynamic_ncols=True):
-        idx = order[start:start + args.eval_batch_size]
+    for idx in tqdm(batches[rank::world], desc="eval", leave=False, dynamic_ncols=True, disable=rank != 0):
         _, sums, _, _ = loss_terms(idx, eval_encoded, eval_cache["chosen_logps"], eval_cache["rejected_logps"])
         for k, v in sums.items():
             totals[k] = totals.get(k, 0.0) + float(v)
+    parts = gather(totals)  # under torchrun each rank scored every world-th batch; rank 0 always has one
+    totals = {k: sum(part.get(k, 0.0) for part in parts) for k in parts[0]}
     model.train()
     return {f"eval_{k}": v / len(eval_pairs) for k, v in totals.items()}
 
@@ -297,7 +305,7 @@ def evaluate():
 
 config = {**vars(args), "model": spec, "device": str(device), "K": K, "N": N, "refs_identity": cache["refs"],
           "steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "trainable_params": n_trainable,
-          "torch": torch.__version__}
+          "torch": torch.__version__, "world_size": world}
 RUN_FLAGS = {"resume", "stop_after", "eval_every", "eval_batch_size", "log_every", "save_every", "device"}
 metrics_path = os.path.join(args.out_dir, "metrics.jsonl")
 
@@ -385,75 +393,97 @@ if args.resume:
                  f"line, then resume")
         if record["step"] <= step:
             kept.append(line if line.endswith("\n") else line + "\n")
-    fd, tmp = tempfile.mkstemp(dir=args.out_dir, prefix=".tmp-metrics-")
-    with os.fdopen(fd, "w") as f:
-        f.writelines(kept)
-    os.replace(tmp, metrics_path)
-    print(f"resumed from {ckpt_dir} at step {step}", file=sys.stderr)
-else:  # a fresh run: remove a previous run's outputs, so none of them is mistaken for this run's
+    if rank == 0:
+        fd, tmp = tempfile.mkstemp(dir=args.out_dir, prefix=".tmp-metrics-")
+        with os.fdopen(fd, "w") as f:
+            f.writelines(kept)
+        os.replace(tmp, metrics_path)
+        print(f"resumed from {ckpt_dir} at step {step}", file=sys.stderr)
+elif rank == 0:  # a fresh run: remove a previous run's outputs, so none of them is mistaken for this run's
     for old in os.listdir(args.out_dir):
         if old.startswith(("checkpoint-", ".tmp-")) or old in ("latest", "metrics.jsonl", "adapter_config.json",
                                                                 "adapter_model.safetensors"):
             path = os.path.join(args.out_dir, old)
             shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
-write_json(os.path.join(args.out_dir, "config.json"), config)
-metrics_file = open(metrics_path, "a")
+if rank == 0:  # under torchrun rank 0 writes every file (config, metrics, checkpoints, adapter); the others none
+    write_json(os.path.join(args.out_dir, "config.json"), config)
+    metrics_file = open(metrics_path, "a")
+if world > 1:  # every rank has read the checkpoint before rank 0 writes anything new
+    dist.barrier()
 
 
 def log(record):
-    metrics_file.write(json.dumps(record) + "\n")
-    metrics_file.flush()
+    if rank == 0:
+        metrics_file.write(json.dumps(record) + "\n")
+        metrics_file.flush()
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Training loop (counted in optimizer steps)
 
-print(f"train.py: {args.loss} on {N} pairs, K={K} references ({', '.join(r['name'] for r in cache['refs'])}), "
-      f"policy {spec} + LoRA r={args.lora_r} ({n_trainable / 1e6:.2f}M trainable), {total_steps} steps of "
-      f"{args.batch_size} pairs, {args.dtype}{' 4-bit' if args.load_in_4bit else ''} on {device}", file=sys.stderr)
+if rank == 0:
+    print(f"train.py: {args.loss} on {N} pairs, K={K} references ({', '.join(r['name'] for r in cache['refs'])}), "
+          f"policy {spec} + LoRA r={args.lora_r} ({n_trainable / 1e6:.2f}M trainable), {total_steps} steps of "
+          f"{args.batch_size} pairs, {args.dtype}{' 4-bit' if args.load_in_4bit else ''} on {device}"
+          + (f", {world} processes" if world > 1 else ""), file=sys.stderr)
 model.train()
 if step == 0 and args.eval_every:
     log({"step": 0, **evaluate()})
 t_start, start_step = time.time(), step
 last_saved = None
-bar = tqdm(total=total_steps, initial=step, desc=args.loss, unit="step", dynamic_ncols=True)
+bar = tqdm(total=total_steps, initial=step, desc=args.loss, unit="step", dynamic_ncols=True, disable=rank != 0)
 while step < total_steps:
     lr = get_lr(step)
     for group in optimizer.param_groups:
         group["lr"] = lr
     t0 = time.time()
-    idx = batch_indices(step)
-    micro = math.ceil(len(idx) / args.grad_accum)  # pairs per micro-batch (the last batch of an epoch may be short)
+    idx = batch_indices(step)  # the whole batch of the step, the same on every rank
+    mine = idx[rank::world]  # this rank's share (under torchrun, pairs rank, rank + world, ...; else all of idx)
+    micro = max(1, math.ceil(len(mine) / args.grad_accum))  # pairs per micro-batch (an epoch's last batch is short)
     totals, tokens = {}, 0
-    for m in range(0, len(idx), micro):
-        losses, sums, n_tokens, (pc, pr) = loss_terms(idx[m:m + micro], encoded, ref_chosen_logps,
+    for m in range(0, len(mine), micro):
+        losses, sums, n_tokens, (pc, pr) = loss_terms(mine[m:m + micro], encoded, ref_chosen_logps,
                                                       ref_rejected_logps)
-        loss = losses.sum() / len(idx)  # mean over the whole batch, whatever the micro-batch split
+        loss = losses.sum() / len(idx)  # mean over the whole batch, whatever the micro-batch and rank split
         if not torch.isfinite(loss):
             where = f"the latest checkpoint {last_saved}" if last_saved else "no checkpoint was written yet"
-            print(f"train.py: error: the loss is {float(loss)} at step {step + 1} (rows {idx[m:m + micro]} of "
+            print(f"train.py: error: the loss is {float(loss)} at step {step + 1} (rows {mine[m:m + micro]} of "
                   f"{args.data}); stopping without saving: {where} is intact. Fix: lower --lr, keep "
                   f"--grad-clip on, or check those rows and the cache; resume with --resume", file=sys.stderr)
             sys.exit(1)
         loss.backward()
         if step == 0 and m == 0:  # at step 0 the policy IS reference 1: its log-probs must match the cache
-            diff = max(float((pc.float().cpu() - ref_chosen_logps[0, idx[:micro]]).abs().max()),
-                       float((pr.float().cpu() - ref_rejected_logps[0, idx[:micro]]).abs().max()))
+            diff = max(float((pc.float().cpu() - ref_chosen_logps[0, mine[:micro]]).abs().max()),
+                       float((pr.float().cpu() - ref_rejected_logps[0, mine[:micro]]).abs().max()))
             tol = 1e-3 if args.dtype == "fp32" and not args.load_in_4bit else 0.5
             same = (ref1["dtype"], ref1["quantization"]) == (args.dtype, quant or "none")
-            log({"step": 0, "check/ref1_max_abs_diff": diff, "check/sequences": 2 * len(idx[:micro])})
+            log({"step": 0, "check/ref1_max_abs_diff": diff, "check/sequences": 2 * len(mine[:micro])})  # rank 0's
             message = (f"step-0 check: policy vs cached reference-1 log-probs, max |diff| = {diff:.2e} nats over "
-                       f"{2 * len(idx[:micro])} sequences")
+                       f"{2 * len(mine[:micro])} sequences")
             if diff > tol:
                 cause = ("" if same else f" The cache was computed in {ref1['dtype']}/{ref1['quantization']}, "
                          f"the policy runs in {args.dtype}/{quant or 'none'}: precompute with the same --dtype and "
                          f"quantization for an exact start.")
                 message = (f"\n{'!' * 100}\nWARNING: {message} exceeds {tol}: the policy does not start at "
                            f"reference 1, so the DPO/MRPO rewards are biased from the first step.{cause}\n{'!' * 100}")
-            print(message, file=sys.stderr)
+            if rank == 0 or diff > tol:  # every rank checks its own share
+                print(message, file=sys.stderr)
         for k, v in sums.items():
             totals[k] = totals.get(k, 0.0) + float(v)
         tokens += n_tokens
+    if world > 1:
+        # The gradient of the step is the SUM over ranks of their gradients (each rank divided by the whole batch,
+        # len(idx), above), summed once per optimizer step, after all micro-batches: one all_reduce of the LoRA
+        # gradients flattened into one buffer (a few MB to tens of MB), as DistributedDataParallel would do with one
+        # bucket. Not DDP itself: its hooks run through its own forward, and pair_logps calls the decoder inside
+        # the peft model directly. A rank without pairs in this step (an epoch's short last batch) sends zeros.
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.flatten() for g in grads])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        for p, g in zip(params, flat.split([p.numel() for p in params])):
+            p.grad = g.view_as(p)
+    parts = gather((totals, tokens))  # metric sums over ranks (rank 0 always has pairs; [(totals, tokens)] alone)
+    totals, tokens = {k: sum(t.get(k, 0.0) for t, _ in parts) for k in parts[0][0]}, sum(n for _, n in parts)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else float("inf"))
     if not torch.isfinite(grad_norm):
         print(f"train.py: error: the gradient norm is {float(grad_norm)} at step {step + 1}; stopping without "
@@ -476,26 +506,30 @@ while step < total_steps:
         log({"step": step, **result})
         bar.write(f"step {step}: eval loss {result['eval_loss']:.4f}, accuracy "
                   f"{result['eval_rewards/accuracies']:.3f}, margin {result['eval_rewards/margins']:.4f}")
-    if step % args.save_every == 0 or step == total_steps or step == args.stop_after:
-        last_saved = save_checkpoint(step)
+    if rank == 0 and (step % args.save_every == 0 or step == total_steps or step == args.stop_after):
+        last_saved = save_checkpoint(step)  # the weights and the optimizer state are the same on every rank
     if step == args.stop_after and step < total_steps:
         bar.close()
-        print(f"train.py: stopped after step {step} (--stop-after); continue with the same command and --resume",
-              file=sys.stderr)
+        if rank == 0:
+            print(f"train.py: stopped after step {step} (--stop-after); continue with the same command and --resume",
+                  file=sys.stderr)
         sys.exit(0)
 bar.close()
-metrics_file.close()
-save_adapter(args.out_dir)
+if rank == 0:
+    metrics_file.close()
+    save_adapter(args.out_dir)
 
-final = [json.loads(line) for line in open(metrics_path)]
-train_records = [r for r in final if "loss" in r]
-eval_records = [r for r in final if "eval_loss" in r]
-summary = f"train.py: {args.loss}, steps {start_step + 1}-{step} of {total_steps} in {time.time() - t_start:.0f}s"
-if train_records:
-    summary += (f" | train loss {train_records[0]['loss']:.4f} -> {train_records[-1]['loss']:.4f}, "
-                f"accuracy {train_records[-1]['rewards/accuracies']:.2f}")
-if eval_records:
-    summary += (f" | eval accuracy {eval_records[0]['eval_rewards/accuracies']:.3f} -> "
-                f"{eval_records[-1]['eval_rewards/accuracies']:.3f}, margin "
-                f"{eval_records[-1]['eval_rewards/margins']:.4f}")
-print(summary + f" | adapter in {args.out_dir}")
+    final = [json.loads(line) for line in open(metrics_path)]
+    train_records = [r for r in final if "loss" in r]
+    eval_records = [r for r in final if "eval_loss" in r]
+    summary = f"train.py: {args.loss}, steps {start_step + 1}-{step} of {total_steps} in {time.time() - t_start:.0f}s"
+    if train_records:
+        summary += (f" | train loss {train_records[0]['loss']:.4f} -> {train_records[-1]['loss']:.4f}, "
+                    f"accuracy {train_records[-1]['rewards/accuracies']:.2f}")
+    if eval_records:
+        summary += (f" | eval accuracy {eval_records[0]['eval_rewards/accuracies']:.3f} -> "
+                    f"{eval_records[-1]['eval_rewards/accuracies']:.3f}, margin "
+                    f"{eval_records[-1]['eval_rewards/margins']:.4f}")
+    print(summary + f" | adapter in {args.out_dir}")
+if world > 1:
+    dist.destroy_process_group()
