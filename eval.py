@@ -44,11 +44,13 @@ import tempfile
 import time
 
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 import mrpo
 from precompute import (CacheMismatchError, DataError, default_cache_dir, encode, length_order, load_cache,
                         load_model, model_identity, pair_logps, read_pairs, resolve_device)
+from precompute import gather, init_distributed
 
 # ----------------------------------------------------------------------------------------------------------------
 # Config
@@ -94,7 +96,8 @@ def write_atomic(path, text):
 
 
 t_start = time.time()
-device = resolve_device(args.device)
+rank, world = init_distributed()  # under torchrun: each rank scores every world-th batch, rank 0 writes; else (0, 1)
+device = resolve_device(args.device)  # under torchrun on GPUs: cuda:LOCAL_RANK
 try:
     pairs = read_pairs(args.data)
     cache = load_cache(args.refs, pairs, args.data)
@@ -161,12 +164,16 @@ order = length_order(encoded)  # pairs of similar length fill the packed rows of
 def policy_logps(path):
     """log pi(y_w|x), log pi(y_l|x) of every pair under policy `path`: (N,), (N,) float32, in data order."""
     chosen, rejected = torch.zeros(N), torch.zeros(N)
+    batches = [order[start:start + args.batch_size] for start in range(0, N, args.batch_size)]
+    mine = []  # pair indices this rank scored (all of them in one process)
     with policy_context(path):
-        for start in tqdm(range(0, N, args.batch_size), desc=path, leave=False, dynamic_ncols=True):
-            idx = order[start:start + args.batch_size]
+        for idx in tqdm(batches[rank::world], desc=path, leave=False, dynamic_ncols=True, disable=rank != 0):
             with autocast:
                 c, r = pair_logps(model, [encoded[i] for i in idx])  # (B,), (B,)
             chosen[idx], rejected[idx] = c.cpu(), r.cpu()
+            mine += idx
+    for idx, c, r in gather((mine, chosen[mine], rejected[mine])):  # every rank's share, on every rank
+        chosen[idx], rejected[idx] = c, r
     return chosen, rejected
 
 
@@ -182,7 +189,7 @@ def accuracy(chosen, rejected, beta=1.0):
 # Evaluate every policy
 
 results = {}
-for path in tqdm(args.adapters, desc="policies", dynamic_ncols=True):
+for path in tqdm(args.adapters, desc="policies", dynamic_ncols=True, disable=rank != 0):
     pc, pr = policy_logps(path)
     ref1_chosen, ref1_rejected = args.beta * (pc - ref_chosen_logps[0]), args.beta * (pr - ref_rejected_logps[0])
     _, virtual_chosen, virtual_rejected = mrpo.mrpo_loss(pc, pr, ref_chosen_logps, ref_rejected_logps, args.beta,
@@ -199,6 +206,10 @@ for path in tqdm(args.adapters, desc="policies", dynamic_ncols=True):
 references = [{"name": r["name"], "accuracy": accuracy(ref_chosen_logps[k], ref_rejected_logps[k]),
                "logps/chosen": float(ref_chosen_logps[k].mean()),
                "logps/rejected": float(ref_rejected_logps[k].mean())} for k, r in enumerate(cache["refs"])]
+if world > 1:  # under torchrun the other ranks are done (they scored their share); rank 0 generates and writes
+    dist.destroy_process_group()
+    if rank != 0:
+        sys.exit(0)
 
 generations_path = None
 if args.generate:
