@@ -10,6 +10,9 @@ One GPU, a 7B policy in 4 bit (the adapters of train.py's QLoRA runs; the base m
     python eval.py --data test.jsonl --refs runs/refs_test.safetensors --device cuda --dtype bf16 --load-in-4bit \
         --adapters base runs/dpo-7b runs/mrpo-7b --out runs/eval-7b.json --generate 20
 
+Several GPUs: the same command under torchrun (`torchrun --standalone --nproc_per_node 8 eval.py ...`, without
+--device); each process scores every 8th batch of pairs, rank 0 gathers the log-probs and writes the same JSON.
+
 (Nothing to resume: evaluation is one pass; the JSON is written atomically at the end.)
 
 What is measured, for every policy pi (the base model, or base + adapter) and every held-out pair (x, y_w, y_l)

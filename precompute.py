@@ -17,9 +17,14 @@ One GPU, 7B references loaded in 4 bit (hub ids, local directories or .gguf file
     python precompute.py --data train.jsonl --out runs/refs.safetensors --device cuda --dtype bf16 \
         --load-in-4bit --refs mistralai/Mistral-7B-Instruct-v0.2 Qwen/Qwen2.5-7B-Instruct --batch-size 16
 
+Several GPUs: the same command under torchrun (`torchrun --standalone --nproc_per_node 8 precompute.py ...`, without
+--device). The batches of each reference are dealt to the processes in turn and rank 0 writes OUT, byte-identical to
+a one-process run's.
+
 Resume: run the same command again. Finished batches are kept per reference in OUT.partial/ (each written
-atomically), so a killed run continues where it stopped, and the final file is byte-identical to the one an
-uninterrupted run writes. OUT.partial/ is removed once OUT is written.
+atomically; under torchrun one file per rank), so a killed run continues where it stopped, with any number of
+processes, and the final file is byte-identical to the one an uninterrupted run writes. OUT.partial/ is removed once
+OUT is written.
 
 How a reference sees the text
 -----------------------------

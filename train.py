@@ -20,6 +20,16 @@ One GPU, a 7B policy loaded in 4 bit (QLoRA), references precomputed the same wa
         --eval-data test.jsonl --eval-refs runs/refs_test.safetensors --device cuda --dtype bf16 \
         --load-in-4bit --grad-checkpointing --batch-size 8 --grad-accum 4 --out-dir runs/mrpo-7b
 
+Several GPUs, one process each (data parallel, torch.distributed; the README's "More than one GPU"): the same
+command under torchrun, without --device; --batch-size is the whole batch of a step, split over the GPUs:
+
+    torchrun --standalone --nproc_per_node 8 train.py --loss mrpo ... --load-in-4bit --batch-size 64 --grad-accum 4
+
+Under torchrun rank r takes pairs r, r + world, ... of each step's batch and divides its loss by the whole batch; the
+LoRA gradients are summed over the ranks once per optimizer step, so the update is a one-process run's (up to float
+rounding); rank 0 writes every file. Every rank resumes from the same checkpoint, with rank 0's RNG state: that is
+the one-process run's as long as --lora-dropout is 0 (with dropout the ranks draw alike masks for different pairs).
+
 Resume an interrupted run: the same command plus --resume. It continues from the latest checkpoint in --out-dir
 (LoRA adapter, optimizer, RNG states, step, data order); on CPU the metrics and the final adapter are identical to
 those of a run that was never interrupted.
@@ -522,7 +532,8 @@ if rank == 0:
     final = [json.loads(line) for line in open(metrics_path)]
     train_records = [r for r in final if "loss" in r]
     eval_records = [r for r in final if "eval_loss" in r]
-    summary = f"train.py: {args.loss}, steps {start_step + 1}-{step} of {total_steps} in {time.time() - t_start:.0f}s"
+    summary = (f"train.py: {args.loss}, steps {start_step + 1}-{step} of {total_steps} in "
+               f"{time.time() - t_start:.0f}s")
     if train_records:
         summary += (f" | train loss {train_records[0]['loss']:.4f} -> {train_records[-1]['loss']:.4f}, "
                     f"accuracy {train_records[-1]['rewards/accuracies']:.2f}")
