@@ -778,7 +778,7 @@ def score_reference(k, spec, pairs, fingerprints, args, budget):
     # One process keeps its progress in ref{k}.safetensors; under torchrun rank r keeps its own in
     # ref{k}.rank{r}.safetensors. A run resumes from all of them, whatever world size wrote them.
     rank, world = rank_and_world()
-    directory = os.path.join(args.out + ".partial")
+    directory = args.out + ".partial"
     partial = os.path.join(directory, f"ref{k}.safetensors" if world == 1 else f"ref{k}.rank{rank}.safetensors")
     logps, done = torch.zeros(2 * N), torch.zeros(2 * N, dtype=torch.uint8)  # interleaved chosen/rejected
     names = sorted(os.listdir(directory)) if os.path.isdir(directory) else []

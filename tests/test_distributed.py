@@ -7,10 +7,10 @@ same command without torchrun, which is the scripts' code path of before torchru
   are summed over ranks once per step: the losses, the metrics and the adapter equal the 1-process ones up to float32
   rounding (the sums are added in another order), with --grad-accum 1 and 2; --stop-after/--resume under 2 processes
   gives the same result, and a 1-process checkpoint resumes under 2 processes.
-- precompute.py: the file of 2 processes is byte-identical to that of 1 (each pair is scored alone in its own row, so
-  which rank scores it does not change a bit), also after a 2-process run killed part-way and resumed under 2
-  processes or under 1.
-- eval.py: the same JSON.
+- precompute.py: the file of 2 processes is byte-identical to that of 1 (the batches are dealt to the ranks whole, so
+  each is computed exactly as one process computes it), also after a 2-process run killed part-way and resumed under
+  2 processes or under 1.
+- eval.py: the same JSON, to the bit (batches dealt whole, too).
 """
 
 import json
@@ -102,6 +102,20 @@ def test_two_processes_with_grad_accum_2(tiny_refs, one, tmp_path):
     """Each rank's 2 pairs in 2 micro-batches of 1; the gradients are summed over ranks once, after both."""
     train(tiny_refs, tmp_path, "--grad-accum", "2")
     assert_same_run(tmp_path, one)
+
+
+def test_a_rank_without_pairs_still_joins_the_step(tiny_refs, tmp_path):
+    """Batches of 1 pair: rank 1 never has a pair, yet sends its (zero) gradients and metrics every step."""
+    one_pair = ["--batch-size", "1", "--max-steps", "2", "--eval-every", "0"]  # later flags win over TRAIN_RUN's
+    train(tiny_refs, tmp_path / "one", *one_pair, procs=1)
+    train(tiny_refs, tmp_path / "two", *one_pair)
+    a, b = (records(tmp_path / d) for d in ("one", "two"))
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2]
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys() and all(x[k] == pytest.approx(y[k], rel=1e-5, abs=1e-6) for k in x)
+    wa, wb = (load_file(str(tmp_path / d / "adapter_model.safetensors")) for d in ("one", "two"))
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-5)
 
 
 def test_stop_and_resume_under_two_processes(tiny_refs, two, tmp_path):
