@@ -24,6 +24,7 @@ machine are noisy; run it when nothing else runs.
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -79,6 +80,7 @@ def main():
     one, two, threads = speed["1 process x 1 thread"], speed["2 processes x 1 thread"], speed["1 process x 2 threads"]
     print(f"scaling efficiency, 2 processes x 1 thread / (2 x 1 process x 1 thread): {two / (2 * one):.2f}")
     print(f"2 processes x 1 thread / 1 process x 2 threads (the same 2 cores): {two / threads:.2f}")
+    shutil.rmtree(work)
 
 
 if __name__ == "__main__":
