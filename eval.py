@@ -160,7 +160,7 @@ def policy_context(path):
 encoded = [(encode(tokenizer, p["prompt"], p["chosen"], ref1["max_length"], ref1["max_prompt_length"]),
             encode(tokenizer, p["prompt"], p["rejected"], ref1["max_length"], ref1["max_prompt_length"]))
            for p in pairs]
-order = length_order(encoded)  # pairs of similar length fill the packed rows of pair_logps alike
+order = length_order(encoded)  # a fixed order, longest pair first
 
 
 @torch.no_grad()

@@ -71,11 +71,20 @@ training re-encodes exactly what was scored. Truncated rows are counted and repo
 How the log-probs are computed (pair_logps, also used by train.py and eval.py): exactly what a forward pass of each
 sequence alone gives, computed on fewer tokens. The prompt that the chosen and the rejected response share is run
 once, followed by both responses in the same row; an attention mask keeps the responses apart and the positions of
-each continue from the shared prompt (prefix sharing). Several pairs are packed into one row of about ROW_TOKENS
-tokens, the mask block-diagonal per pair, so nothing is padding. The output layer and the log-softmax (float32, even
-when the model runs in bf16) run only at the positions that predict a response token. Pairs are sorted by length
-(length_order) and scored --batch-size pairs at a time. tests/test_fast_forward.py checks all this against a plain
-forward of each sequence.
+each continue from the shared prompt (prefix sharing). Each pair is one forward of batch size 1, so nothing is
+padding. The output layer and the log-softmax (float32, even when the model runs in bf16) run only at the positions
+that predict a response token. Pairs are sorted by length (length_order) and scored --batch-size pairs at a time.
+tests/test_fast_forward.py checks all this against a plain forward of each sequence.
+
+Why one pair per forward (ROW_TOKENS = 0), although pack_row can pack several pairs into one row: a pair's log-probs
+are then a function of the pair alone, bit for bit, whatever else is in its batch. In bf16 (and 4 bit) they are not
+otherwise: padding, or other pairs in the same row, change the blocking of the attention and matmul reductions, and
+measured on SmolLM2 with 16 dialogue pairs the same pair scored up to 0.66 nats apart packed with others vs alone
+(6e-5 in fp32). Because precompute.py, train.py and eval.py all score a pair in its own forward, the policy at step 0
+reproduces the cached reference-1 log-probs exactly in every dtype, and so do eval.py's base-model numbers. It costs
+little here: measured on 8-pair training steps on 2 CPU cores, one pair per forward was 7% faster in fp32 and 17%
+slower in bf16 than rows of 1024 tokens. On a GPU with short pairs, pair_logps(..., row_tokens=1024) fills the GPU
+better, at the price of that bit-exactness.
 
 Shapes: B pairs in a batch, L tokens in a packed row, H hidden size, V vocabulary, K references, N pairs.
 """
@@ -97,7 +106,7 @@ import torch
 DEFAULT_REFS = ["smollm2", "gemma3"]
 CACHE_FORMAT = "mrpo-refs-v1"
 QWEN_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
-ROW_TOKENS = 1024  # tokens per packed row in pair_logps (one forward each)
+ROW_TOKENS = 0  # pair_logps packs pairs into rows of at most this many tokens; 0: one pair per forward (see above)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -390,6 +399,14 @@ def load_model(spec, dtype="fp32", load_in_4bit=False, load_in_8bit=False, devic
     model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
     if not (load_in_4bit or load_in_8bit):
         model.to(device)
+    if load_in_4bit:
+        # On CPUs with AVX512-BF16, a bitsandbytes Linear4bit repacks its weights for an inference-only kernel after a
+        # forward without grad in eval mode. LoRA gradients through a repacked layer are silently wrong, and its
+        # log-probs differ from those of the trainable layout (0.2-0.5 nats per dialogue on SmolLM2 in bf16), so the
+        # policy would not start at reference 1. Every script keeps the trainable layout; scoring was no slower with it.
+        for module in model.modules():
+            if hasattr(module, "support_avx512bf16_for_cpu"):
+                module.support_avx512bf16_for_cpu = False
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(location)
     return model, tokenizer
@@ -647,7 +664,8 @@ def pair_logps(model, encoded_pairs, row_tokens=ROW_TOKENS):
     sequence alone would give, but computed on fewer tokens:
     * the prompt the two responses share is run once, with the two responses after it in the same row; the mask
       keeps them apart and each response's positions continue from the shared length (prefix sharing);
-    * pairs are packed into rows of about row_tokens tokens, each row one forward of batch size 1: no padding;
+    * each pair is one forward of batch size 1 (or, with row_tokens > 0, pairs are packed into rows of at most
+      row_tokens tokens, one forward each): no padding;
     * the output layer and the log-softmax run only where a scored token is predicted (token_logps).
     model: a causal LM, or a peft wrapper of one (its LoRA layers sit inside the decoder that is called here).
     """
@@ -856,8 +874,7 @@ def main():
                        help="where GGUF models are cached as safetensors (default: $MRPO_CACHE or ~/.cache/mrpo)")
     group = parser.add_argument_group("Scoring")
     group.add_argument("--batch-size", type=int, default=8,
-                       help="pairs per batch (the unit of progress and resume), packed into rows of "
-                            f"{ROW_TOKENS} tokens")
+                       help="pairs per batch (the unit of progress and resume); each pair is one forward")
     group.add_argument("--stop-after-batches", type=int, default=None,
                        help="for tests: stop after scoring this many batches (per process under torchrun), as if "
                             "the run were killed")

@@ -5,7 +5,7 @@
     python bench/bench_train.py --device cuda --model Qwen/Qwen2.5-7B-Instruct --load-in-4bit --dtype bf16
 
 A step is what train.py does per optimizer step: precompute.pair_logps over the chosen and rejected responses of the
-batch (shared prompts, packed rows), summed float32 log-probs, the loss from mrpo.py against K cached reference log-probs, backward, gradient
+batch (shared prompts, one forward per pair), summed float32 log-probs, the loss from mrpo.py against K cached reference log-probs, backward, gradient
 clipping and an AdamW step on the LoRA weights. The K reference log-probs are synthetic (reference 1's log-probs
 plus noise): MRPO never runs a reference model, so K only changes the (K, B) tensors that enter the loss.
 

@@ -419,7 +419,7 @@ def test_eps_with_no_clip_is_an_error(tiny_refs, tmp_path):
 
 def test_bf16_4bit_run_keeps_the_trainable_4bit_layout(tiny_refs, tmp_path):
     """A --dtype bf16 --load-in-4bit run, with train.py run in-process (runpy) so that its model can be inspected:
-    train.py (and only train.py, where LoRA gradients flow) turns bitsandbytes' AVX512-BF16 repacking off."""
+    the model train.py trains keeps bitsandbytes' AVX512-BF16 repacking off."""
     data, cache, models = tiny_refs
     args = ["--data", data, "--refs", cache, "--eval-data", data, "--eval-refs", cache, "--out-dir", str(tmp_path),
             "--batch-size", "4", "--max-steps", "2", "--eval-every", "1", "--dtype", "bf16", "--load-in-4bit"]
@@ -435,8 +435,52 @@ def test_bf16_4bit_run_keeps_the_trainable_4bit_layout(tiny_refs, tmp_path):
     assert os.path.isfile(os.path.join(tmp_path, "adapter_model.safetensors"))
 
 
-def test_load_model_leaves_the_4bit_layout_flag_at_its_default(tiny_refs):
-    from bitsandbytes.functional import has_avx512bf16
+def test_load_model_keeps_the_trainable_4bit_layout_in_every_script(tiny_refs):
+    """precompute.py and eval.py score with the layout train.py trains with (see test_policy_starts_exactly_at_reference_1
+    for why: the repacked kernel gives other log-probs)."""
     model, _ = precompute.load_model(tiny_refs[2][0], load_in_4bit=True)
     flags = [m.support_avx512bf16_for_cpu for m in model.modules() if hasattr(m, "support_avx512bf16_for_cpu")]
-    assert len(flags) > 0 and all(f == has_avx512bf16() for f in flags)
+    assert len(flags) > 0 and not any(flags)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The policy starts exactly at reference 1 in bf16 and in 4 bit, not only in fp32
+
+@pytest.fixture(scope="module")
+def dialogue_model(tmp_path_factory):
+    """8 real multi-turn dialogue pairs (hh-rlhf-harmless) and a small random Llama (hidden size 64, so that 4-bit
+    quantization applies) saved with SmolLM2's tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    root = tmp_path_factory.mktemp("dialogue")
+    tokenizer = precompute.load_tokenizer("smollm2")
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id)
+    model_dir = str(root / "model")
+    LlamaForCausalLM(config).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    data = str(root / "pairs.jsonl")
+    rows = precompute.read_pairs(os.path.join(ROOT, "data", "hh-rlhf-harmless", "train.jsonl"))[:8]
+    with open(data, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    return data, model_dir
+
+
+@pytest.mark.parametrize("flags", [["--dtype", "bf16"], ["--dtype", "bf16", "--load-in-4bit"]], ids=["bf16", "bf16-4bit"])
+def test_policy_starts_exactly_at_reference_1(dialogue_model, tmp_path, flags):
+    """precompute.py and train.py in the same dtype and quantization: the step-0 policy log-probs of all 16 sequences
+    of a batch of 8 pairs equal the cached reference-1 ones bit for bit. (Packing pairs together, or peft's fp32
+    upcast of a 4-bit model, made them differ.)"""
+    data, model_dir = dialogue_model
+    cache = str(tmp_path / "refs.safetensors")
+    subprocess.run([sys.executable, "precompute.py", "--data", data, "--out", cache, "--refs", model_dir,
+                    "--batch-size", "3", *flags], cwd=ROOT, check=True, capture_output=True, text=True)
+    cmd = [sys.executable, "train.py", "--data", data, "--refs", cache, "--out-dir", str(tmp_path / "run"),
+           "--batch-size", "8", "--max-steps", "1", "--eval-every", "0", *flags]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    check = [r for r in records(tmp_path / "run") if "check/ref1_max_abs_diff" in r][0]
+    assert check["check/sequences"] == 16 and check["check/ref1_max_abs_diff"] == 0.0
+    assert "WARNING" not in result.stderr
