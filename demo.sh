@@ -5,7 +5,7 @@
 #   bash demo.sh              # outputs in runs/demo/ (refs_*.safetensors, dpo/, mrpo/, eval.json, times.txt)
 #   PY=python bash demo.sh    # another interpreter than .venv/bin/python
 #
-# Demo hyperparameters (CPU, ~15 minutes on 2 cores): LoRA r=16 on SmolLM2-135M-Instruct, batch 8 pairs, 60 steps
+# Demo hyperparameters (CPU, ~17 minutes on 2 cores): LoRA r=16 on SmolLM2-135M-Instruct, batch 8 pairs, 60 steps
 # (1.6 epochs of the 300 training pairs), lr 5e-4 (the paper uses 1e-5 for 7B models and 3 epochs; a 135M model and
 # a few minutes need a larger step), fp32 (a LoRA training step of this model is ~15% slower in bf16 on a CPU
 # without AMX: `python bench/bench_train.py --dtype bf16`; reference 1 is scored in the same dtype as the policy, so
