@@ -25,7 +25,8 @@ What is measured, for every policy pi (the base model, or base + adapter) and ev
 - Own accuracy: share of pairs where pi itself gives y_w a higher log-prob than y_l (no reference involved).
 - For each reference model, its own accuracy from the cache: does it give the chosen response more probability?
 A tie counts as half a correct answer: equal rewards, up to 1e-4 nats of log-prob (the float noise between batched
-fp32 forward passes); mrpo.reward_accuracy defines it, for train.py's rewards/accuracies too. So the base model against reference 1, where every reward is 0, scores 0.5 (chance), not 0.
+fp32 forward passes); mrpo.reward_accuracy defines it, for train.py's rewards/accuracies too. So the base model
+against reference 1, where every reward is 0, scores 0.5 (chance), not 0.
 (Evaluating in bf16 against an fp32 cache adds bf16 noise instead; precompute in the dtype you evaluate in.)
 
 Which one the paper reports: the paper's "preference accuracy" tables come from the authors' trainer

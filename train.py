@@ -177,8 +177,9 @@ K, N = ref_chosen_logps.shape
 ref1 = cache["refs"][0]
 if eval_cache is not None:
     names, eval_names = [r["name"] for r in cache["refs"]], [r["name"] for r in eval_cache["refs"]]
-    if [{k: v for k, v in r.items() if k not in ("batch_size", "truncated_rows", "straddled_rows")} for r in cache["refs"]] != \
-            [{k: v for k, v in r.items() if k not in ("batch_size", "truncated_rows", "straddled_rows")} for r in eval_cache["refs"]]:
+    per_data = ("batch_size", "truncated_rows", "straddled_rows")  # what may differ between two data files' caches
+    if [{k: v for k, v in r.items() if k not in per_data} for r in cache["refs"]] != \
+            [{k: v for k, v in r.items() if k not in per_data} for r in eval_cache["refs"]]:
         fail(f"{args.eval_refs} was computed with other references or settings ({eval_names}) than {args.refs} "
              f"({names}); fix: rerun precompute.py on {args.eval_data} with the same --refs, --dtype and lengths")
 try:
