@@ -21,6 +21,14 @@ Several GPUs: the same command under torchrun (`torchrun --standalone --nproc_pe
 --device). The batches of each reference are dealt to the processes in turn and rank 0 writes OUT, byte-identical to
 a one-process run's.
 
+Grow a cache: `--append` keeps the references already in OUT (their rows are copied, not re-scored) and adds --refs
+after them, e.g. a third reference scored in bf16 and 4 bit next to two scored in fp32:
+
+    python precompute.py --data data/train.jsonl --out runs/refs_train.safetensors --append \
+        --refs qwen2.5-coder --dtype bf16 --load-in-4bit
+
+train.py and eval.py pick a subset of a cache's references with --use-refs.
+
 Resume: run the same command again. Finished batches are kept per reference in OUT.partial/ (each written
 atomically; under torchrun one file per rank), so a killed run continues where it stopped, with any number of
 processes, and the final file is byte-identical to the one an uninterrupted run writes. OUT.partial/ is removed once
@@ -706,7 +714,9 @@ def _rerun_hint(meta, out):
 def load_cache(path, pairs, data_path=None):
     """Load a reference cache and check it was computed from exactly these pairs, in this order.
 
-    Returns {"chosen_logps": (K,N) float32, "rejected_logps": (K,N) float32, "refs": list of K dicts}.
+    Returns {"chosen_logps": (K,N) float32, "rejected_logps": (K,N) float32, "chosen_tokens": (K,N) float32,
+    "rejected_tokens": (K,N) float32, "refs": list of K dicts}; the token counts (the scored response tokens under
+    each reference's tokenizer) are None in caches written before they were stored.
     Raises CacheMismatchError naming the cache, the first row that differs and the command that rebuilds it.
     """
     from safetensors import safe_open
@@ -719,7 +729,8 @@ def load_cache(path, pairs, data_path=None):
         if meta.get("format") != CACHE_FORMAT:
             raise CacheMismatchError(f"{path}: not an mrpo reference cache (format {meta.get('format')!r}, "
                                      f"expected {CACHE_FORMAT!r}); fix: rebuild it with precompute.py")
-        tensors = {name: f.get_tensor(name) for name in ("chosen_logps", "rejected_logps")}
+        tensors = {name: f.get_tensor(name) if name in f.keys() else None
+                   for name in ("chosen_logps", "rejected_logps", "chosen_tokens", "rejected_tokens")}
     hint = _rerun_hint(meta, path) if data_path is None else _rerun_hint({**meta, "data": data_path}, path)
     cached = json.loads(meta["fingerprints"])
     current = [pair_fingerprint(p) for p in pairs]
@@ -780,8 +791,10 @@ class _Stop(Exception):
 def score_reference(k, spec, pairs, fingerprints, args, budget):
     """Log-probs of all pairs under reference k, resuming from OUT.partial/ref{k}.safetensors when it matches.
 
-    Returns (chosen_logps (N,), rejected_logps (N,), ref dict, stats dict). budget: a one-element list holding how
-    many more batches may be scored before stopping (None: no limit), shared by all references.
+    Returns (chosen_logps (N,), rejected_logps (N,), chosen_tokens (N,), rejected_tokens (N,), ref dict, stats
+    dict); the token counts are the scored response tokens under this reference's tokenizer (for mean per-token
+    log-probs). budget: a one-element list holding how many more batches may be scored before stopping (None: no
+    limit), shared by all references.
     """
     quant = "4bit" if args.load_in_4bit else "8bit" if args.load_in_8bit else None
     tokenizer = load_tokenizer(spec, args.cache_dir)
@@ -850,7 +863,8 @@ def score_reference(k, spec, pairs, fingerprints, args, budget):
             logps[part_done.bool()] = part_logps[part_done.bool()]
         stats = {name: sum(s[name] for _, _, s in parts) for name in ("tokens", "computed")} | \
             {name: max(s[name] for _, _, s in parts) for name in ("seconds", "load_seconds")}
-    return logps[0::2].clone(), logps[1::2].clone(), ref, stats
+    counts = torch.tensor([float(len(e.ids) - e.start) for e in encoded])  # response tokens of each sequence
+    return logps[0::2].clone(), logps[1::2].clone(), counts[0::2].clone(), counts[1::2].clone(), ref, stats
 
 
 def main():
@@ -858,6 +872,9 @@ def main():
     group = parser.add_argument_group("Data")
     group.add_argument("--data", required=True, help="JSONL preference pairs: prompt/chosen/rejected per line")
     group.add_argument("--out", required=True, help="output .safetensors file of reference log-probs")
+    group.add_argument("--append", action="store_true",
+                       help="OUT exists: keep its references as they are (not re-scored) and add --refs after them; "
+                            "each call may use its own --dtype and quantization")
     group.add_argument("--max-length", type=int, default=512, help="most tokens of prompt + response")
     group.add_argument("--max-prompt-length", type=int, default=256,
                        help="most prompt tokens kept (its end) when prompt + response exceed --max-length")
@@ -895,16 +912,35 @@ def main():
         sys.exit(f"error: {e}")
     fingerprints = [pair_fingerprint(p) for p in pairs]
     budget = [args.stop_after_batches]
-    chosen, rejected, refs, summary = [], [], [], []
-    for k, spec in enumerate(args.refs):
+    chosen, rejected, chosen_tokens, rejected_tokens, refs, summary = [], [], [], [], [], []
+    if args.append:  # grow an existing cache: its K rows are copied, the new references become rows K+1, ...
         try:
-            c, r, ref, stats = score_reference(k, spec, pairs, fingerprints, args, budget)
+            old = load_cache(args.out, pairs, args.data)
+        except CacheMismatchError as e:
+            sys.exit(f"error: --append: {e}")
+        if old["chosen_tokens"] is None:
+            sys.exit(f"error: --append: {args.out} was written by an older precompute.py without response token "
+                     f"counts; fix: rebuild it (python precompute.py --data {args.data} --refs "
+                     f"{' '.join(r['name'] for r in old['refs'])} --out {args.out}), then append")
+        chosen, rejected = list(old["chosen_logps"]), list(old["rejected_logps"])
+        chosen_tokens, rejected_tokens, refs = list(old["chosen_tokens"]), list(old["rejected_tokens"]), old["refs"]
+    quant = "4bit" if args.load_in_4bit else "8bit" if args.load_in_8bit else "none"
+    for spec in args.refs:
+        if any((r["name"], r["dtype"], r["quantization"]) == (spec, args.dtype, quant) for r in refs):
+            sys.exit(f"error: {args.out if args.append else '--refs'} already holds reference {spec} in {args.dtype}, "
+                     f"quantization {quant}; fix: drop it from --refs")
+    for spec in args.refs:
+        k = len(refs)  # this reference's row (0-based) in OUT
+        try:
+            c, r, ct, rt, ref, stats = score_reference(k, spec, pairs, fingerprints, args, budget)
         except _Stop:
             print(f"stopped after {args.stop_after_batches} batches (--stop-after-batches); run the same command "
                   f"again to resume", file=sys.stderr)
             sys.exit(3)  # under torchrun this rank's exit ends the others too (torchrun stops all on a failure)
         chosen.append(c)
         rejected.append(r)
+        chosen_tokens.append(ct)
+        rejected_tokens.append(rt)
         refs.append(ref)
         speed = f", {stats['tokens'] / stats['seconds']:.0f} tok/s" if stats["seconds"] else " (resumed)"
         shared = f", shared prompts saved {1 - stats['computed'] / stats['tokens']:.0%} of the tokens" \
@@ -922,8 +958,9 @@ def main():
     if rank == 0:  # every rank holds the whole result (score_reference gathered it); one writes it
         metadata = {"format": CACHE_FORMAT, "fingerprints": json.dumps(fingerprints), "refs": json.dumps(refs),
                     "data": args.data}
-        _write_safetensors(args.out, {"chosen_logps": torch.stack(chosen), "rejected_logps": torch.stack(rejected)},
-                           metadata)
+        _write_safetensors(args.out, {"chosen_logps": torch.stack(chosen), "rejected_logps": torch.stack(rejected),
+                                      "chosen_tokens": torch.stack(chosen_tokens),
+                                      "rejected_tokens": torch.stack(rejected_tokens)}, metadata)
         shutil.rmtree(args.out + ".partial", ignore_errors=True)
         print(f"wrote {args.out}: {len(pairs)} pairs x {len(refs)} refs in {time.time() - t_start:.0f}s | "
               + " | ".join(summary) + (f" | {world} processes" if world > 1 else ""))

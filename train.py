@@ -88,6 +88,14 @@ group.add_argument("--data", required=True, help="training pairs, JSONL with pro
 group.add_argument("--refs", required=True, help="reference cache of --data written by precompute.py (.safetensors)")
 group.add_argument("--eval-data", default=None, help="held-out pairs (JSONL); needed unless --eval-every 0")
 group.add_argument("--eval-refs", default=None, help="reference cache of --eval-data written by precompute.py")
+group.add_argument("--val-data", default=None,
+                   help="validation pairs (JSONL) for --alpha vdw, vaw and tsw; keep them apart from --data and "
+                        "--eval-data")
+group.add_argument("--val-refs", default=None, help="reference cache of --val-data (for --alpha vdw and vaw)")
+group.add_argument("--use-refs", default=None,
+                   help="comma-separated 1-based indices of the cache's references that the loss uses, in that order "
+                        "(default: all). The policy still starts as reference 1 of the cache: --loss dpo --use-refs 3 "
+                        "is DPO against reference 3")
 group = parser.add_argument_group("Model")
 group.add_argument("--model", default=None,
                    help="policy base model spec (alias, hub id, directory, .gguf); default: reference 1 of --refs. "
@@ -105,10 +113,20 @@ group.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj,gate_p
                    help="comma-separated module names that get adapters, or 'all-linear'")
 group = parser.add_argument_group("Loss")
 group.add_argument("--loss", choices=sorted(mrpo.LOSSES), default="mrpo",
-                   help="dpo (reference 1 only), mrpo (Eq. 7), multi_dpo (Eq. 11), mean_ref (arithmetic mixture)")
+                   help="dpo (the first reference of --use-refs only, or the one --alpha tsw picks), mrpo (Eq. 7), "
+                        "multi_dpo (Eq. 11), mean_ref (arithmetic mixture)")
 group.add_argument("--beta", type=float, default=0.1, help="DPO/MRPO temperature beta")
 group.add_argument("--alpha", default="arwc",
-                   help="reference weights: arwc (Eq. 10, per example), uniform, or K comma-separated numbers")
+                   help="reference weights: arwc (Eq. 10, per example), uniform, K comma-separated numbers, or "
+                        "vdw / vaw (fixed from --val-refs), swcw (from the last --window batches), tsw (--loss dpo "
+                        "against one reference a Thompson sampler picks each step; needs --val-data)")
+group.add_argument("--window", type=int, default=1, help="--alpha swcw: how many past batches set the weights")
+group.add_argument("--tsw-prior", default="5,5", help="--alpha tsw: the Beta(a, b) prior of every reference, 'a,b'")
+group.add_argument("--tsw-subset", type=int, default=16,
+                   help="--alpha tsw: validation pairs drawn each step to judge whether the step helped")
+group.add_argument("--logps", choices=["sum", "mean"], default="sum",
+                   help="sequence log-probs: summed over response tokens (the paper) or their mean per token; mean "
+                        "divides each model's sum by its own token count (the cache stores the references' counts)")
 group.add_argument("--eps-max", type=float, default=0.1, help="CTRO bound eps_max of the adaptive eps (Eq. 9)")
 group.add_argument("--eps", type=float, default=None, help="a fixed CTRO eps instead of the adaptive one")
 group.add_argument("--no-clip", action="store_true", help="turn CTRO clipping (Eq. 8) off")
@@ -128,6 +146,8 @@ group.add_argument("--out-dir", default="runs/train", help="where metrics, check
 group.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out-dir")
 group.add_argument("--eval-every", type=int, default=20, help="evaluate on the held-out set every N steps (0: never)")
 group.add_argument("--eval-batch-size", type=int, default=16, help="pairs per forward pass in evaluation")
+group.add_argument("--no-eval-at-start", action="store_true",
+                   help="skip the evaluation before step 1 (the policy is reference 1 then: same numbers every run)")
 group.add_argument("--log-every", type=int, default=1, help="write a metrics record every N steps")
 group.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps (and at the end)")
 group.add_argument("--stop-after", type=int, default=None,
@@ -157,6 +177,24 @@ if args.eval_refs and not args.eval_data:
 if not args.eval_refs and args.eval_data:
     fail(f"--eval-data {args.eval_data} needs --eval-refs: its reference cache (python precompute.py --data "
          f"{args.eval_data} --out CACHE.safetensors)")
+WEIGHTINGS = ("vdw", "vaw", "swcw", "tsw")  # weights not given per pair (arXiv:2512.10040); see mrpo.py
+if args.alpha in ("vdw", "vaw") and not (args.val_data and args.val_refs):
+    fail(f"--alpha {args.alpha} fixes the weights from the references' margins on validation pairs: pass --val-data "
+         f"VAL.jsonl and --val-refs its cache (python precompute.py --data VAL.jsonl --refs <the same references> "
+         f"--out VAL_CACHE.safetensors); keep VAL apart from --data and --eval-data")
+if args.alpha == "tsw" and not args.val_data:
+    fail("--alpha tsw rewards a reference when the policy's accuracy on validation pairs rises after a step: pass "
+         "--val-data VAL.jsonl (held-out pairs, apart from --data and --eval-data)")
+if args.alpha == "tsw" and args.loss != "dpo":
+    fail(f"--alpha tsw trains DPO against the one reference it samples each step, so it needs --loss dpo "
+         f"(got --loss {args.loss})")
+if args.loss == "dpo" and args.alpha not in ("arwc", "tsw"):
+    fail(f"--loss dpo uses one reference (the first of --use-refs), so --alpha {args.alpha} would weigh nothing; fix: "
+         f"--loss mrpo, multi_dpo or mean_ref with --alpha {args.alpha}, or --use-refs K for DPO against reference K")
+if args.val_refs and not args.val_data:
+    fail("--val-refs needs --val-data (the JSONL file the cache was computed from)")
+if args.window < 1 or args.tsw_subset < 1:
+    fail(f"--window ({args.window}) and --tsw-subset ({args.tsw_subset}) must be at least 1")
 quant = "4bit" if args.load_in_4bit else None
 os.makedirs(args.out_dir, exist_ok=True)
 torch.manual_seed(args.seed)
@@ -170,24 +208,76 @@ try:
     cache = load_cache(args.refs, pairs, args.data)
     eval_pairs = read_pairs(args.eval_data) if args.eval_data else []
     eval_cache = load_cache(args.eval_refs, eval_pairs, args.eval_data) if args.eval_data else None
+    val_pairs = read_pairs(args.val_data) if args.val_data else []
+    val_cache = load_cache(args.val_refs, val_pairs, args.val_data) if args.val_refs else None
 except (DataError, CacheMismatchError) as e:
     fail(str(e))
-ref_chosen_logps, ref_rejected_logps = cache["chosen_logps"], cache["rejected_logps"]  # (K, N) each
-K, N = ref_chosen_logps.shape
+K_cache, N = cache["chosen_logps"].shape
 ref1 = cache["refs"][0]
-if eval_cache is not None:
-    names, eval_names = [r["name"] for r in cache["refs"]], [r["name"] for r in eval_cache["refs"]]
-    per_data = ("batch_size", "truncated_rows", "straddled_rows")  # what may differ between two data files' caches
-    if [{k: v for k, v in r.items() if k not in per_data} for r in cache["refs"]] != \
-            [{k: v for k, v in r.items() if k not in per_data} for r in eval_cache["refs"]]:
-        fail(f"{args.eval_refs} was computed with other references or settings ({eval_names}) than {args.refs} "
-             f"({names}); fix: rerun precompute.py on {args.eval_data} with the same --refs, --dtype and lengths")
 try:
-    alpha = mrpo.parse_alpha(args.alpha, K)  # the same parser as eval.py's
-except ValueError as e:
-    fail(f"{e} (K={K}: the references in {args.refs})")
+    use = [int(k) - 1 for k in args.use_refs.split(",")] if args.use_refs else list(range(K_cache))
+except ValueError:
+    fail(f"--use-refs {args.use_refs!r}: expected comma-separated reference numbers, e.g. --use-refs 1,3")
+if not use or len(set(use)) != len(use) or not all(0 <= k < K_cache for k in use):
+    fail(f"--use-refs {args.use_refs!r}: give distinct numbers from 1 to {K_cache}, the references in {args.refs} "
+         f"({', '.join(r['name'] for r in cache['refs'])})")
+K = len(use)
+names = [cache["refs"][k]["name"] for k in use]
+for path, other in ((args.eval_refs, eval_cache), (args.val_refs, val_cache)):
+    # the references the loss uses (and reference 1, the policy's start) must be the same in every cache
+    per_data = ("batch_size", "truncated_rows", "straddled_rows")  # what may differ between two data files' caches
+    same = lambda a, b: {k: v for k, v in a.items() if k not in per_data} == \
+        {k: v for k, v in b.items() if k not in per_data}  # noqa: E731
+    if other is not None and not all(k < len(other["refs"]) and same(cache["refs"][k], other["refs"][k])
+                                      for k in sorted({0, *use})):
+        fail(f"{path} was computed with other references or settings ({[r['name'] for r in other['refs']]}) than "
+             f"{args.refs} ({[r['name'] for r in cache['refs']]}); fix: rerun precompute.py on its data with the "
+             f"same --refs, --dtype and lengths")
+if args.logps == "mean":
+    for path, c in ((args.refs, cache), (args.eval_refs, eval_cache), (args.val_refs, val_cache)):
+        if c is not None and c["chosen_tokens"] is None:
+            fail(f"--logps mean needs each reference's response token counts, which {path} lacks (written by an "
+                 f"older precompute.py); fix: rebuild it with this precompute.py")
+
+
+def ref_logps(c, rows=use):
+    """A cache's (chosen, rejected) log-probs of references `rows` (0-based; default --use-refs), (len(rows), N) each,
+    per token if --logps mean; (None, None) for no cache."""
+    if c is None:
+        return None, None
+    chosen, rejected = c["chosen_logps"][rows], c["rejected_logps"][rows]
+    if args.logps == "mean":
+        chosen = chosen / c["chosen_tokens"][rows].clamp(min=1)
+        rejected = rejected / c["rejected_tokens"][rows].clamp(min=1)
+    return chosen, rejected
+
+
+ref_chosen_logps, ref_rejected_logps = ref_logps(cache)  # (K, N) each, the loss's references
+eval_chosen, eval_rejected = ref_logps(eval_cache)  # (K, M) each
+(eval_ref1_chosen,), (eval_ref1_rejected,) = ref_logps(eval_cache, [0]) if eval_cache else ([None], [None])
+ref1_chosen_sums, ref1_rejected_sums = cache["chosen_logps"][0], cache["rejected_logps"][0]  # the step-0 check's
+weighting = None  # a SlidingWindowWeights or ThompsonSamplingWeights object for --alpha swcw / tsw
+if args.alpha in ("vdw", "vaw"):
+    val_chosen, val_rejected = ref_logps(val_cache)
+    alpha = (mrpo.vdw_weights if args.alpha == "vdw" else mrpo.vaw_weights)(val_chosen, val_rejected)  # (K,)
+    alpha_text = ", ".join(f"{n} {a:.3f}" for n, a in zip(names, alpha.tolist()))
+    print(f"train.py: --alpha {args.alpha} from {len(val_pairs)} pairs of {args.val_data}: {alpha_text}",
+          file=sys.stderr)
+elif args.alpha == "swcw":
+    alpha, weighting = None, mrpo.SlidingWindowWeights(K, args.window)
+elif args.alpha == "tsw":
+    try:
+        prior = tuple(float(x) for x in args.tsw_prior.split(","))
+        alpha, weighting = None, mrpo.ThompsonSamplingWeights(K, prior, seed=args.seed)
+    except ValueError as e:
+        fail(f"--tsw-prior {args.tsw_prior!r}: expected 'a,b' with a, b > 0 ({e})")
+else:
+    try:
+        alpha = mrpo.parse_alpha(args.alpha, K)  # the same parser as eval.py's
+    except ValueError as e:
+        fail(f"{e} (K={K}: the references {', '.join(names)} of {args.refs})")
 if args.loss != "dpo" and K == 1:
-    print(f"train.py: warning: {args.refs} holds one reference, so --loss {args.loss} is DPO", file=sys.stderr)
+    print(f"train.py: warning: one reference ({names[0]}), so --loss {args.loss} is DPO", file=sys.stderr)
 
 spec = args.model or ref1["name"]
 tokenizer = load_tokenizer(spec, args.cache_dir)
@@ -206,7 +296,7 @@ def encode_all(pairs):
              encode(tokenizer, p["prompt"], p["rejected"], max_length, max_prompt_length)) for p in pairs]
 
 
-encoded, eval_encoded = encode_all(pairs), encode_all(eval_pairs)
+encoded, eval_encoded, val_encoded = encode_all(pairs), encode_all(eval_pairs), encode_all(val_pairs)
 steps_per_epoch = math.ceil(N / args.batch_size)
 total_steps = args.max_steps or math.ceil(args.epochs * steps_per_epoch)
 
@@ -270,24 +360,71 @@ def get_lr(step):
 
 def policy_logps(encs):
     """Log-probs of the chosen and the rejected responses of B pairs, (chosen (B,), rejected (B,), tokens), by
-    precompute.pair_logps: the code that scored the references (shared prompt, one forward per pair, no padding)."""
+    precompute.pair_logps: the code that scored the references (shared prompt, one forward per pair, no padding).
+    Summed over the response tokens (the step-0 check compares these with the cache), or not: see per_token."""
     with autocast:
         chosen, rejected = pair_logps(model, encs)
     return chosen, rejected, sum(len(c.ids) + len(r.ids) for c, r in encs)  # tokens of the 2B sequences
 
 
-def loss_terms(idx, encs, ref_chosen, ref_rejected):
-    """Forward pairs idx and apply the loss: (losses (B,), metric sums dict, tokens)."""
-    pc, pr, tokens = policy_logps([encs[i] for i in idx])
-    rc, rr = ref_chosen[:, idx].to(device), ref_rejected[:, idx].to(device)  # (K, B)
+def per_token(chosen, rejected, encs):
+    """--logps mean: summed log-probs (B,) of the policy divided by its response token counts; else unchanged."""
+    if args.logps == "sum":
+        return chosen, rejected
+    count = torch.tensor([[len(c.ids) - c.start, len(r.ids) - r.start] for c, r in encs], dtype=torch.float32,
+                         device=chosen.device).clamp(min=1)  # (B, 2)
+    return chosen / count[:, 0], rejected / count[:, 1]
+
+
+def loss_terms(idx, encs, ref_chosen, ref_rejected, loss=args.loss, weights=None):
+    """Forward pairs idx and apply the loss against references (K', N) with weights alpha (default: the run's):
+    (losses (B,), metric sums dict, tokens, summed policy log-probs (chosen (B,), rejected (B,)))."""
+    sums_c, sums_r, tokens = policy_logps([encs[i] for i in idx])
+    pc, pr = per_token(sums_c, sums_r, [encs[i] for i in idx])
+    rc, rr = ref_chosen[:, idx].to(device), ref_rejected[:, idx].to(device)  # (K', B)
     losses, chosen_rewards, rejected_rewards = mrpo.compute_loss(
-        args.loss, pc, pr, rc, rr, args.beta, alpha=alpha, eps_max=args.eps_max, eps=args.eps, clip=not args.no_clip)
+        loss, pc, pr, rc, rr, args.beta, alpha=alpha if weights is None else weights, eps_max=args.eps_max,
+        eps=args.eps, clip=not args.no_clip)
     sums = {"loss": losses.detach().sum(), "rewards/chosen": chosen_rewards.sum(),
             "rewards/rejected": rejected_rewards.sum(),
             "rewards/accuracies": mrpo.reward_accuracy(chosen_rewards, rejected_rewards, args.beta).sum(),
             "rewards/margins": (chosen_rewards - rejected_rewards).sum(),
-            "logps/chosen": pc.detach().sum(), "logps/rejected": pr.detach().sum()}
-    return losses, sums, tokens, (pc.detach(), pr.detach())
+            "logps/chosen": pc.detach().sum(), "logps/rejected": pr.detach().sum(),
+            "policy/accuracies": mrpo.reward_accuracy(pc.detach(), pr.detach()).sum()}  # log pi(y_w) > log pi(y_l)
+    return losses, sums, tokens, (sums_c.detach(), sums_r.detach())
+
+
+def step_weights():
+    """(loss, alpha, rows) of the coming step: rows are the reference rows (of ref_chosen_logps) the loss sees.
+    TSW samples its reference here (one draw per step); SWCW reads the batches already trained on."""
+    if args.alpha == "tsw":
+        k, _ = weighting.choose()
+        return "dpo", None, [k]
+    if args.alpha == "swcw":
+        return args.loss, weighting.alpha(), list(range(K))
+    return args.loss, alpha, list(range(K))
+
+
+def eval_weights():
+    """(loss, alpha, rows) for evaluation: the run's weights as they stand, without drawing from TSW's sampler
+    (it evaluates DPO against the reference with the highest posterior mean)."""
+    if args.alpha == "tsw":
+        return "dpo", None, [int(weighting.posterior_mean().argmax())]
+    return step_weights()
+
+
+@torch.no_grad()
+def val_accuracy(idx):
+    """Preference accuracy of the policy's own log-probs (log pi(y_w) > log pi(y_l), ties half) on validation pairs
+    idx, in eval mode; under torchrun each rank scores its share and all get the total. TSW's reward signal."""
+    model.eval()
+    mine = [val_encoded[i] for i in idx[rank::world]]
+    correct = 0.0
+    if mine:
+        pc, pr, _ = policy_logps(mine)
+        correct = float(mrpo.reward_accuracy(*per_token(pc, pr, mine)).sum())
+    model.train()
+    return sum(gather(correct)) / len(idx)
 
 
 @torch.no_grad()
@@ -296,9 +433,17 @@ def evaluate():
     model.eval()
     order = length_order(eval_encoded)  # a fixed order, longest pair first
     batches = [order[start:start + args.eval_batch_size] for start in range(0, len(order), args.eval_batch_size)]
+    loss, weights, rows = eval_weights()
     totals = {}
     for idx in tqdm(batches[rank::world], desc="eval", leave=False, dynamic_ncols=True, disable=rank != 0):
-        _, sums, _, _ = loss_terms(idx, eval_encoded, eval_cache["chosen_logps"], eval_cache["rejected_logps"])
+        _, sums, _, (sums_c, sums_r) = loss_terms(idx, eval_encoded, eval_chosen[rows], eval_rejected[rows], loss,
+                                                  weights)
+        # The implicit reward against reference 1 of the cache (the policy's start), whatever the loss's references:
+        # one yardstick for every run of a comparison.
+        pc, pr = per_token(sums_c, sums_r, [eval_encoded[i] for i in idx])
+        r1c, r1r = eval_ref1_chosen[idx].to(pc.device), eval_ref1_rejected[idx].to(pc.device)
+        sums["ref1/accuracies"] = mrpo.reward_accuracy(pc - r1c, pr - r1r).sum()
+        sums["ref1/margins"] = args.beta * ((pc - r1c) - (pr - r1r)).sum()
         for k, v in sums.items():
             totals[k] = totals.get(k, 0.0) + float(v)
     parts = gather(totals)  # under torchrun each rank scored every world-th batch; rank 0 always has one
@@ -311,9 +456,11 @@ def evaluate():
 # Checkpoints: written to a temp directory, then renamed into place; a pointer file names the latest one
 
 config = {**vars(args), "model": spec, "device": str(device), "K": K, "N": N, "refs_identity": cache["refs"],
+          "use_refs_names": names, "fixed_alpha": alpha.tolist() if torch.is_tensor(alpha) else alpha,
           "steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "trainable_params": n_trainable,
           "torch": torch.__version__, "world_size": world}
-RUN_FLAGS = {"resume", "stop_after", "eval_every", "eval_batch_size", "log_every", "save_every", "device"}
+RUN_FLAGS = {"resume", "stop_after", "eval_every", "eval_batch_size", "log_every", "save_every", "device",
+             "no_eval_at_start"}
 metrics_path = os.path.join(args.out_dir, "metrics.jsonl")
 
 
@@ -343,7 +490,8 @@ def save_checkpoint(step):
         rng["cuda"] = torch.cuda.get_rng_state(device)
     torch.save({"step": step, "optimizer": optimizer.state_dict(), "rng": rng,
                 "schedule": {"lr": get_lr(step), "warmup_steps": args.warmup_steps, "total_steps": total_steps},
-                "data_order": epoch_order(step // steps_per_epoch)}, os.path.join(tmp, "trainer_state.pt"))
+                "data_order": epoch_order(step // steps_per_epoch),
+                "weighting": weighting.state_dict() if weighting else None}, os.path.join(tmp, "trainer_state.pt"))
     write_json(os.path.join(tmp, "config.json"), config)
     final = os.path.join(args.out_dir, name)
     if os.path.exists(final):
@@ -380,6 +528,8 @@ if args.resume:
         fail(f"--resume: {os.path.join(ckpt_dir, 'trainer_state.pt')} does not load with torch.load(weights_only=True)"
              f" ({str(e).splitlines()[0]}); it was not written by this train.py. Fix: start a new --out-dir")
     optimizer.load_state_dict(state["optimizer"])
+    if weighting is not None:  # SWCW's window or TSW's posteriors and sampler state
+        weighting.load_state_dict(state["weighting"])
     step = state["step"]
     if state["data_order"] != epoch_order(step // steps_per_epoch):
         fail(f"--resume: the data order saved in {ckpt_dir} differs from this run's; was --data or --seed changed?")
@@ -429,12 +579,12 @@ def log(record):
 # Training loop (counted in optimizer steps)
 
 if rank == 0:
-    print(f"train.py: {args.loss} on {N} pairs, K={K} references ({', '.join(r['name'] for r in cache['refs'])}), "
+    print(f"train.py: {args.loss} on {N} pairs, K={K} references ({', '.join(names)}), "
           f"policy {spec} + LoRA r={args.lora_r} ({n_trainable / 1e6:.2f}M trainable), {total_steps} steps of "
           f"{args.batch_size} pairs, {args.dtype}{' 4-bit' if args.load_in_4bit else ''} on {device}"
           + (f", {world} processes" if world > 1 else ""), file=sys.stderr)
 model.train()
-if step == 0 and args.eval_every:
+if step == 0 and args.eval_every and not args.no_eval_at_start:
     log({"step": 0, **evaluate()})
 t_start, start_step = time.time(), step
 last_saved = None
@@ -447,10 +597,15 @@ while step < total_steps:
     idx = batch_indices(step)  # the whole batch of the step, the same on every rank
     mine = idx[rank::world]  # this rank's share (under torchrun, pairs rank, rank + world, ...; else all of idx)
     micro = max(1, math.ceil(len(mine) / args.grad_accum))  # pairs per micro-batch (an epoch's last batch is short)
+    loss_name, weights, rows = step_weights()  # the same on every rank (TSW's sampler is seeded alike)
+    if args.alpha == "tsw":  # a fresh random validation subset per step, seeded by (seed, step): resumes exactly
+        g = torch.Generator().manual_seed(args.seed * 100_003 + step)
+        subset = torch.randperm(len(val_pairs), generator=g)[:args.tsw_subset].tolist()
+        accuracy_before = val_accuracy(subset)
     totals, tokens = {}, 0
     for m in range(0, len(mine), micro):
-        losses, sums, n_tokens, (pc, pr) = loss_terms(mine[m:m + micro], encoded, ref_chosen_logps,
-                                                      ref_rejected_logps)
+        losses, sums, n_tokens, (pc, pr) = loss_terms(mine[m:m + micro], encoded, ref_chosen_logps[rows],
+                                                      ref_rejected_logps[rows], loss_name, weights)
         loss = losses.sum() / len(idx)  # mean over the whole batch, whatever the micro-batch and rank split
         if not torch.isfinite(loss):
             where = f"the latest checkpoint {last_saved}" if last_saved else "no checkpoint was written yet"
@@ -460,8 +615,8 @@ while step < total_steps:
             sys.exit(1)
         loss.backward()
         if step == 0 and m == 0:  # at step 0 the policy IS reference 1: its log-probs must match the cache
-            diff = max(float((pc.float().cpu() - ref_chosen_logps[0, mine[:micro]]).abs().max()),
-                       float((pr.float().cpu() - ref_rejected_logps[0, mine[:micro]]).abs().max()))
+            diff = max(float((pc.float().cpu() - ref1_chosen_sums[mine[:micro]]).abs().max()),
+                       float((pr.float().cpu() - ref1_rejected_sums[mine[:micro]]).abs().max()))
             same = (ref1["dtype"], ref1["quantization"]) == (args.dtype, quant or "none")
             tol = 1e-3 if same else 0.5  # same dtype and quantization: exact (each pair is its own forward)
             log({"step": 0, "check/ref1_max_abs_diff": diff, "check/sequences": 2 * len(mine[:micro])})  # rank 0's
@@ -498,11 +653,21 @@ while step < total_steps:
         sys.exit(1)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    chosen_weights = {}  # what set this step's reference weights, for the metrics record
+    if args.alpha == "swcw":
+        weighting.update(ref_chosen_logps[:, idx], ref_rejected_logps[:, idx])  # after the step: never its own batch
+        chosen_weights = {"alpha": weights.tolist()}
+    elif args.alpha == "tsw":
+        accuracy_after = val_accuracy(subset)
+        weighting.update(rows[0], accuracy_after > accuracy_before)  # reward: the accuracy strictly rose
+        chosen_weights = {"tsw/reference": use[rows[0]] + 1, "tsw/reward": int(accuracy_after > accuracy_before),
+                          "tsw/val_accuracy_before": accuracy_before, "tsw/val_accuracy_after": accuracy_after,
+                          "tsw/posterior_mean": weighting.posterior_mean().tolist()}
     step += 1
     dt = time.time() - t0
     record = {"step": step, "epoch": round(step / steps_per_epoch, 4),
               **{k: v / len(idx) for k, v in totals.items()}, "lr": lr, "grad_norm": float(grad_norm),
-              "tokens": tokens, "tokens/s": tokens / dt, "step_time": dt}
+              "tokens": tokens, "tokens/s": tokens / dt, "step_time": dt, **chosen_weights}
     if step % args.log_every == 0 or step == total_steps:
         log(record)
         bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['rewards/accuracies']:.2f}",
