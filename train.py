@@ -26,6 +26,21 @@ command under torchrun, without --device; --batch-size is the whole batch of a s
 
     torchrun --standalone --nproc_per_node 8 train.py --loss mrpo ... --load-in-4bit --batch-size 64 --grad-accum 4
 
+Which references, and how they are weighted (arXiv:2512.10040's weightings; formulas in mrpo.py):
+
+    --use-refs 1,3                   train on a subset of the cache's references (the policy starts at reference 1)
+    --loss dpo --use-refs 2          single-reference DPO against reference 2, the control to beat
+    --alpha vdw | vaw                fixed weights from the references' margins on held-out pairs: --val-data VAL.jsonl
+                                     --val-refs its cache (keep VAL apart from --data and --eval-data)
+    --alpha swcw --window W          weights of each step from the references' confidence on the W batches before it
+    --loss dpo --alpha tsw           Thompson sampling: each step DPO against one sampled reference, rewarded when the
+                                     policy's accuracy on --tsw-subset random pairs of --val-data rises
+    --logps mean                     mean per-token log-probs instead of sums (the follow-up study's choice)
+
+SWCW's window and TSW's posteriors and sampler are saved in checkpoints and resume exactly. Under torchrun every rank
+holds the same weighting state: SWCW reads the whole batch from the cache, TSW's validation accuracy is summed over
+the ranks and its sampler draws alike on every rank.
+
 Under torchrun rank r takes pairs r, r + world, ... of each step's batch and divides its loss by the whole batch; the
 LoRA gradients are summed over the ranks once per optimizer step, so the update is a one-process run's (up to float
 rounding); rank 0 writes every file. Every rank resumes from the same checkpoint, with rank 0's RNG state: that is

@@ -6,7 +6,8 @@ same command without torchrun, which is the scripts' code path of before torchru
 - train.py: a step's batch is split over the ranks, each rank's loss is divided by the whole batch, the LoRA gradients
   are summed over ranks once per step: the losses, the metrics and the adapter equal the 1-process ones up to float32
   rounding (the sums are added in another order), with --grad-accum 1 and 2; --stop-after/--resume under 2 processes
-  gives the same result, and a 1-process checkpoint resumes under 2 processes.
+  gives the same result, a 1-process checkpoint resumes under 2 processes, and --alpha swcw and tsw keep the same
+  weighting state on every rank.
 - precompute.py: the file of 2 processes is byte-identical to that of 1 (the batches are dealt to the ranks whole, so
   each is computed exactly as one process computes it), also after a 2-process run killed part-way and resumed under
   2 processes or under 1.
@@ -96,6 +97,17 @@ def test_two_processes_train_like_one(one, two):
     assert any(not torch.all(v == 0) for k, v in before.items() if "lora_B" in k)  # the LoRA weights did move
     assert not os.path.exists(os.path.join(two, "checkpoint-000001"))  # one writer: only the final checkpoint
     assert sorted(p for p in os.listdir(two) if p.startswith("checkpoint-")) == ["checkpoint-000003"]
+
+
+@pytest.mark.parametrize("flags", [["--alpha", "swcw", "--window", "2"],
+                                   ["--loss", "dpo", "--alpha", "tsw", "--val-data", "DATA", "--tsw-subset", "4"]])
+def test_weighting_state_is_the_same_on_every_rank(tiny_refs, tmp_path, flags):
+    """SWCW's window reads the whole batch and TSW's reward the validation accuracy summed over the ranks: the weights,
+    TSW's choices and posteriors, and the adapter are the 1-process run's."""
+    flags = [tiny_refs[0] if f == "DATA" else f for f in flags]
+    train(tiny_refs, tmp_path / "one", *flags, procs=1)
+    train(tiny_refs, tmp_path / "two", *flags)
+    assert_same_run(tmp_path / "two", tmp_path / "one")
 
 
 def test_two_processes_with_grad_accum_2(tiny_refs, one, tmp_path):
