@@ -52,8 +52,8 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import mrpo
-from precompute import (CacheMismatchError, DataError, default_cache_dir, encode, length_order, load_cache,
-                        load_model, model_identity, pair_logps, read_pairs, resolve_device)
+from precompute import (CacheMismatchError, DataError, default_cache_dir, encode, generation_prompt, length_order,
+                        load_cache, load_model, model_identity, pair_logps, read_pairs, resolve_device)
 from precompute import gather, init_distributed
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -219,7 +219,8 @@ generations_path = None
 if args.generate:
     rows = []
     for i in tqdm(range(min(args.generate, N)), desc="generate", dynamic_ncols=True):
-        prompt_ids = encoded[i][0].ids[:encoded[i][0].start]  # the prompt in the model's format, generation prompt on
+        prompt_ids = generation_prompt(tokenizer, pairs[i]["prompt"], ref1["max_length"], ref1["max_prompt_length"],
+                                       args.max_new_tokens)  # the prompt in the model's format, generation prompt on
         row = {"prompt": pairs[i]["prompt"], "chosen": pairs[i]["chosen"], "rejected": pairs[i]["rejected"]}
         for path in ["base"] + [p for p in args.adapters if p != "base"]:
             with policy_context(path), autocast:

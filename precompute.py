@@ -559,6 +559,24 @@ def encode(tokenizer, prompt, response, max_length=512, max_prompt_length=256):
     return Encoded(prompt_ids + response_ids, len(prompt_ids), truncated, straddled)
 
 
+def generation_prompt(tokenizer, prompt, max_length=512, max_prompt_length=256, max_new_tokens=64):
+    """Token ids of the prompt alone in the model's format, ready to generate an answer after (the chat template with
+    its generation prompt, or [BOS] + the plain prompt text). Unlike encode(...).ids[:start], it ends with the
+    prompt's own last token when a token straddles the prompt/response boundary. Cut like encode cuts a prompt: when
+    it and max_new_tokens exceed max_length, its end is kept (at most max_prompt_length tokens, a leading BOS kept)."""
+    if getattr(tokenizer, "chat_template", None):
+        ids = list(tokenizer.apply_chat_template(_as_messages(prompt, "user"), tokenize=True,
+                                                 add_generation_prompt=True, return_dict=False))
+    else:
+        text, _ = _plain_texts(prompt, "")
+        ids = ([tokenizer.bos_token_id] if _adds_bos(tokenizer) else []) + \
+            tokenizer(text, add_special_tokens=False).input_ids
+    if len(ids) + max_new_tokens > max_length and len(ids) > max_prompt_length:
+        keep_bos = ids[:1] if ids[0] == tokenizer.bos_token_id else []
+        ids = keep_bos + ids[len(ids) - (max_prompt_length - len(keep_bos)):]
+    return ids
+
+
 def shared_prefix(chosen, rejected):
     """How many leading tokens a pair's two sequences share and compute once: the longest common prefix of their
     ids, capped at min(chosen.start, rejected.start). Under truncation (or a token straddling the prompt/response

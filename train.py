@@ -181,7 +181,8 @@ def fail(message):
 rank, world = init_distributed()  # under torchrun: this process's rank of `world`; (0, 1) without it
 device = resolve_device(args.device)  # under torchrun on GPUs: cuda:LOCAL_RANK
 if args.no_clip and args.eps is not None:
-    fail(f"--eps {args.eps} sets the CTRO trust region, which --no-clip turns off; fix: drop one of --eps and --no-clip")
+    fail(f"--eps {args.eps} sets the CTRO trust region, which --no-clip turns off; fix: drop one of --eps and "
+         f"--no-clip")
 if args.batch_size % args.grad_accum:
     fail(f"--grad-accum {args.grad_accum} must divide --batch-size {args.batch_size}")
 if args.eval_every and not (args.eval_data and args.eval_refs):

@@ -256,6 +256,9 @@ def test_plain_straddle_is_scored_as_response(families):
     assert e.start == len(prompt_ids) - 1 and e.ids[:e.start] == prompt_ids[:-1]
     assert tok.convert_ids_to_tokens(e.ids[e.start:e.start + 2]) == ["Answers", ":"]  # 'Answer' is scored too
     assert tok.decode(e.ids[e.start:]) == "Answers: 4.<eos>"
+    assert precompute.generation_prompt(tok, prompt) == prompt_ids  # generation starts after the whole prompt
+    e = encode(tok, prompt + ":", " 4.")  # no straddle: the prompt part of the whole conversation
+    assert not e.straddled and precompute.generation_prompt(tok, prompt + ":") == e.ids[:e.start]
 
 
 def test_chat_straddle_is_scored_as_response(smollm2_tokenizer):
@@ -269,6 +272,7 @@ def test_chat_straddle_is_scored_as_response(smollm2_tokenizer):
     assert e.ids == tok(scored_text, add_special_tokens=False).input_ids and e.straddled
     assert e.start == len(prompt_ids) - 1
     assert tok.convert_ids_to_tokens(e.ids[e.start:]) == ["Ċ", "Ċ", "Hello", ".", "<|eot_id|>"]
+    assert precompute.generation_prompt(tok, "Hi?") == prompt_ids
 
 
 def test_template_that_rewrites_the_prompt_is_refused(smollm2_tokenizer):
