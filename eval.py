@@ -52,7 +52,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import mrpo
-from precompute import (CacheMismatchError, DataError, default_cache_dir, encode, generation_prompt, length_order,
+from precompute import (CacheMismatchError, DataError, default_cache_dir, encode_pairs, generation_prompt, length_order,
                         load_cache, load_model, model_identity, pair_logps, read_pairs, resolve_device)
 from precompute import gather, init_distributed
 
@@ -158,9 +158,11 @@ def policy_context(path):
     return torch.no_grad()
 
 
-encoded = [(encode(tokenizer, p["prompt"], p["chosen"], ref1["max_length"], ref1["max_prompt_length"]),
-            encode(tokenizer, p["prompt"], p["rejected"], ref1["max_length"], ref1["max_prompt_length"]))
-           for p in pairs]
+try:
+    sequences = encode_pairs(tokenizer, pairs, ref1["max_length"], ref1["max_prompt_length"], args.data)
+except DataError as e:
+    fail(str(e))
+encoded = list(zip(sequences[0::2], sequences[1::2]))  # (chosen, rejected) of each pair
 order = length_order(encoded)  # a fixed order, longest pair first
 
 

@@ -103,6 +103,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -480,6 +481,14 @@ def _special_ids(tokenizer):
     return _special_ids_of(tokenizer, len(tokenizer))
 
 
+@functools.lru_cache(maxsize=8)
+def _special_text_of(tokenizer, vocab_size):
+    """A regex matching the text of any special token (longest first), or None."""
+    texts = sorted({t for t in tokenizer.convert_ids_to_tokens(sorted(_special_ids(tokenizer))) if t}, key=len,
+                   reverse=True)
+    return re.compile("|".join(map(re.escape, texts))) if texts else None
+
+
 def _common_prefix(a, b):
     """Length of the longest common prefix of two lists."""
     n = 0
@@ -542,6 +551,13 @@ def encode(tokenizer, prompt, response, max_length=512, max_prompt_length=256):
     """
     if not 0 < max_prompt_length < max_length:
         raise ValueError(f"need 0 < max_prompt_length < max_length, got {max_prompt_length}, {max_length}")
+    pattern = _special_text_of(tokenizer, len(tokenizer))
+    for text in [response] if isinstance(response, str) else [m["content"] for m in response]:
+        found = pattern.search(text) if pattern else None
+        if found:  # it would be tokenized as the control token itself, and the scored response cut after it
+            raise ValueError(f"the response contains {found.group()!r}, the text of a special token of "
+                             f"{tokenizer.name_or_path}'s tokenizer: the model would read it as that control token "
+                             f"(an end of turn, say) and the response would be cut there; fix: remove or escape it")
     if getattr(tokenizer, "chat_template", None):
         ids, start, straddled = _chat_ids(tokenizer, prompt, response)
     else:
@@ -796,10 +812,17 @@ def _read_safetensors(path):
         return {name: f.get_tensor(name) for name in f.keys()}, (f.metadata() or {})
 
 
-def encode_pairs(tokenizer, pairs, max_length=512, max_prompt_length=256):
-    """Encoded sequences of all pairs, interleaved: [chosen_0, rejected_0, chosen_1, rejected_1, ...] (2N)."""
-    return [encode(tokenizer, p["prompt"], p[field], max_length, max_prompt_length)
-            for p in pairs for field in ("chosen", "rejected")]
+def encode_pairs(tokenizer, pairs, max_length=512, max_prompt_length=256, path=None):
+    """Encoded sequences of all pairs, interleaved: [chosen_0, rejected_0, chosen_1, rejected_1, ...] (2N).
+    Raises DataError naming the file (path), row and field of a response encode() refuses."""
+    out = []
+    for i, p in enumerate(pairs):
+        for field in ("chosen", "rejected"):
+            try:
+                out.append(encode(tokenizer, p["prompt"], p[field], max_length, max_prompt_length))
+            except ValueError as e:
+                raise DataError(f"{path or 'the data'}, row {i + 1}, field {field!r}: {e}") from None
+    return out
 
 
 class _Stop(Exception):
@@ -816,7 +839,7 @@ def score_reference(k, spec, pairs, fingerprints, args, budget):
     """
     quant = "4bit" if args.load_in_4bit else "8bit" if args.load_in_8bit else None
     tokenizer = load_tokenizer(spec, args.cache_dir)
-    encoded = encode_pairs(tokenizer, pairs, args.max_length, args.max_prompt_length)
+    encoded = encode_pairs(tokenizer, pairs, args.max_length, args.max_prompt_length, args.data)
     N = len(pairs)
     source = source_identity(spec, args.cache_dir)
     ref = {**model_identity(spec, tokenizer, args.dtype, quant, source), "max_length": args.max_length,
@@ -951,6 +974,8 @@ def main():
         k = len(refs)  # this reference's row (0-based) in OUT
         try:
             c, r, ct, rt, ref, stats = score_reference(k, spec, pairs, fingerprints, args, budget)
+        except DataError as e:
+            sys.exit(f"error: {e}")
         except _Stop:
             print(f"stopped after {args.stop_after_batches} batches (--stop-after-batches); run the same command "
                   f"again to resume", file=sys.stderr)

@@ -89,9 +89,8 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import mrpo
-from precompute import (CacheMismatchError, DataError, default_cache_dir, encode, length_order, load_cache,
-                        load_model, load_tokenizer, model_identity, pair_logps, read_pairs,
-                        resolve_device)
+from precompute import (CacheMismatchError, DataError, default_cache_dir, encode_pairs, length_order, load_cache,
+                        load_model, load_tokenizer, model_identity, pair_logps, read_pairs, resolve_device)
 from precompute import gather, init_distributed
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -306,13 +305,17 @@ for field in ("tokenizer", "chat_template_sha256", "format", "bos_token_id", "eo
 max_length, max_prompt_length = ref1["max_length"], ref1["max_prompt_length"]
 
 
-def encode_all(pairs):
+def encode_all(pairs, path):
     """[(chosen Encoded, rejected Encoded)] in the policy's (= reference 1's) format and truncation."""
-    return [(encode(tokenizer, p["prompt"], p["chosen"], max_length, max_prompt_length),
-             encode(tokenizer, p["prompt"], p["rejected"], max_length, max_prompt_length)) for p in pairs]
+    try:
+        sequences = encode_pairs(tokenizer, pairs, max_length, max_prompt_length, path)
+    except DataError as e:
+        fail(str(e))
+    return list(zip(sequences[0::2], sequences[1::2]))
 
 
-encoded, eval_encoded, val_encoded = encode_all(pairs), encode_all(eval_pairs), encode_all(val_pairs)
+encoded, eval_encoded = encode_all(pairs, args.data), encode_all(eval_pairs, args.eval_data)
+val_encoded = encode_all(val_pairs, args.val_data)
 steps_per_epoch = math.ceil(N / args.batch_size)
 total_steps = args.max_steps or math.ceil(args.epochs * steps_per_epoch)
 

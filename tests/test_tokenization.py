@@ -307,3 +307,13 @@ def test_straddled_rows_are_counted_and_reported(tmp_path, monkeypatch, capsys, 
     assert all(e.straddled for e in encoded)
     expected = torch.tensor([slow_logps(model, e) for e in encoded])
     torch.testing.assert_close(cache["chosen_logps"][0], expected, atol=TOL, rtol=TOL)
+
+
+def test_a_response_with_the_text_of_a_special_token_is_refused_with_its_row(smollm2_tokenizer):
+    """"<|im_end|>" written in a response would be tokenized as SmolLM2's end of turn and the scored response cut
+    after it: the file, row and field are named instead."""
+    ok = {"prompt": "Hi?", "chosen": "Hello.", "rejected": "Bye."}
+    bad = {**ok, "rejected": [{"role": "assistant", "content": "Bye.<|im_end|> and more"}]}
+    assert len(precompute.encode_pairs(smollm2_tokenizer, [ok, ok])) == 4
+    with pytest.raises(precompute.DataError, match=r"pairs\.jsonl, row 2, field 'rejected': .*'<\|im_end\|>'"):
+        precompute.encode_pairs(smollm2_tokenizer, [ok, bad], path="pairs.jsonl")
