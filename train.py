@@ -192,7 +192,6 @@ if args.eval_refs and not args.eval_data:
 if not args.eval_refs and args.eval_data:
     fail(f"--eval-data {args.eval_data} needs --eval-refs: its reference cache (python precompute.py --data "
          f"{args.eval_data} --out CACHE.safetensors)")
-WEIGHTINGS = ("vdw", "vaw", "swcw", "tsw")  # weights not given per pair (arXiv:2512.10040); see mrpo.py
 if args.alpha in ("vdw", "vaw") and not (args.val_data and args.val_refs):
     fail(f"--alpha {args.alpha} fixes the weights from the references' margins on validation pairs: pass --val-data "
          f"VAL.jsonl and --val-refs its cache (python precompute.py --data VAL.jsonl --refs <the same references> "
@@ -238,12 +237,17 @@ if not use or len(set(use)) != len(use) or not all(0 <= k < K_cache for k in use
          f"({', '.join(r['name'] for r in cache['refs'])})")
 K = len(use)
 names = [cache["refs"][k]["name"] for k in use]
+
+
+def same_reference(a, b):
+    """Two caches' records of a reference agree on all but what may differ between two data files' caches."""
+    per_data = ("batch_size", "truncated_rows", "straddled_rows")
+    return {k: v for k, v in a.items() if k not in per_data} == {k: v for k, v in b.items() if k not in per_data}
+
+
 for path, other in ((args.eval_refs, eval_cache), (args.val_refs, val_cache)):
     # the references the loss uses (and reference 1, the policy's start) must be the same in every cache
-    per_data = ("batch_size", "truncated_rows", "straddled_rows")  # what may differ between two data files' caches
-    same = lambda a, b: {k: v for k, v in a.items() if k not in per_data} == \
-        {k: v for k, v in b.items() if k not in per_data}  # noqa: E731
-    if other is not None and not all(k < len(other["refs"]) and same(cache["refs"][k], other["refs"][k])
+    if other is not None and not all(k < len(other["refs"]) and same_reference(cache["refs"][k], other["refs"][k])
                                       for k in sorted({0, *use})):
         fail(f"{path} was computed with other references or settings ({[r['name'] for r in other['refs']]}) than "
              f"{args.refs} ({[r['name'] for r in cache['refs']]}); fix: rerun precompute.py on its data with the "
