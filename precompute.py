@@ -501,6 +501,22 @@ def _as_messages(text, role):
     return [{"role": role, "content": text}] if isinstance(text, str) else text
 
 
+def _prompt_ids(tokenizer, prompt):
+    """The prompt alone in the model's format: its chat template with the generation prompt, or, without a template,
+    [BOS] (when the tokenizer adds one) + the plain prompt text."""
+    if getattr(tokenizer, "chat_template", None):
+        return list(tokenizer.apply_chat_template(_as_messages(prompt, "user"), tokenize=True,
+                                                  add_generation_prompt=True, return_dict=False))
+    bos = [tokenizer.bos_token_id] if _adds_bos(tokenizer) else []
+    return bos + tokenizer(_plain_texts(prompt, "")[0], add_special_tokens=False).input_ids
+
+
+def _keep_prompt_end(tokenizer, prompt_ids, max_prompt_length):
+    """The last max_prompt_length tokens of a prompt, its leading BOS kept (the DPO reference code's truncation)."""
+    keep_bos = prompt_ids[:1] if prompt_ids[0] == tokenizer.bos_token_id else []
+    return keep_bos + prompt_ids[len(prompt_ids) - (max_prompt_length - len(keep_bos)):]
+
+
 def _chat_ids(tokenizer, prompt, response):
     """(ids, start) of the whole conversation under the tokenizer's chat template; see the module docstring."""
     prompt_msgs, response_msgs = _as_messages(prompt, "user"), _as_messages(response, "assistant")
@@ -510,8 +526,7 @@ def _chat_ids(tokenizer, prompt, response):
         raise ValueError(f"the chat template of {tokenizer.name_or_path} renders the prompt differently once an "
                          f"answer follows, so prompt and response cannot be split; prompt render ends "
                          f"{prompt_text[-60:]!r}, full render has {full_text[len(prompt_text) - 60:][:80]!r}")
-    prompt_ids = list(tokenizer.apply_chat_template(prompt_msgs, tokenize=True, add_generation_prompt=True,
-                                                    return_dict=False))
+    prompt_ids = _prompt_ids(tokenizer, prompt)
     full_ids = list(tokenizer.apply_chat_template(prompt_msgs + response_msgs, tokenize=True, return_dict=False))
     start = _common_prefix(prompt_ids, full_ids)
     specials = _special_ids(tokenizer)
@@ -535,7 +550,7 @@ def _plain_ids(tokenizer, prompt, response):
     prompt_text, response_text = _plain_texts(prompt, response)
     bos = [tokenizer.bos_token_id] if _adds_bos(tokenizer) else []
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    prompt_ids = bos + tokenizer(prompt_text, add_special_tokens=False).input_ids
+    prompt_ids = _prompt_ids(tokenizer, prompt)
     full_ids = bos + tokenizer(prompt_text + response_text, add_special_tokens=False).input_ids
     start = _common_prefix(prompt_ids, full_ids)
     return full_ids + eos, start, start < len(prompt_ids)
@@ -566,8 +581,7 @@ def encode(tokenizer, prompt, response, max_length=512, max_prompt_length=256):
 
     truncated = False
     if len(prompt_ids) + len(response_ids) > max_length and len(prompt_ids) > max_prompt_length:
-        keep_bos = prompt_ids[:1] if prompt_ids[0] == tokenizer.bos_token_id else []  # keep a leading BOS
-        prompt_ids = keep_bos + prompt_ids[len(prompt_ids) - (max_prompt_length - len(keep_bos)):]  # keep the end
+        prompt_ids = _keep_prompt_end(tokenizer, prompt_ids, max_prompt_length)
         truncated = True
     if len(prompt_ids) + len(response_ids) > max_length:
         response_ids = response_ids[:max_length - len(prompt_ids)]  # keep the start
@@ -580,16 +594,9 @@ def generation_prompt(tokenizer, prompt, max_length=512, max_prompt_length=256, 
     its generation prompt, or [BOS] + the plain prompt text). Unlike encode(...).ids[:start], it ends with the
     prompt's own last token when a token straddles the prompt/response boundary. Cut like encode cuts a prompt: when
     it and max_new_tokens exceed max_length, its end is kept (at most max_prompt_length tokens, a leading BOS kept)."""
-    if getattr(tokenizer, "chat_template", None):
-        ids = list(tokenizer.apply_chat_template(_as_messages(prompt, "user"), tokenize=True,
-                                                 add_generation_prompt=True, return_dict=False))
-    else:
-        text, _ = _plain_texts(prompt, "")
-        ids = ([tokenizer.bos_token_id] if _adds_bos(tokenizer) else []) + \
-            tokenizer(text, add_special_tokens=False).input_ids
+    ids = _prompt_ids(tokenizer, prompt)
     if len(ids) + max_new_tokens > max_length and len(ids) > max_prompt_length:
-        keep_bos = ids[:1] if ids[0] == tokenizer.bos_token_id else []
-        ids = keep_bos + ids[len(ids) - (max_prompt_length - len(keep_bos)):]
+        ids = _keep_prompt_end(tokenizer, ids, max_prompt_length)
     return ids
 
 

@@ -33,6 +33,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import mrpo  # noqa: E402
 import precompute  # noqa: E402
 
 REFS = ["smollm2", "gemma3", "qwen2.5-coder"]
@@ -159,7 +160,7 @@ for seed in args.seeds:  # seed by seed: a partial sweep already covers every me
 # The references themselves on the test pairs (no training): their own accuracy; reference 1 is the policy's start.
 test_cache = precompute.load_cache(paths["test_refs"], precompute.read_pairs(paths["test"]), paths["test"])
 c, r = test_cache["chosen_logps"], test_cache["rejected_logps"]
-own = ((c > r).float() + 0.5 * (c == r).float()).mean(1).tolist()
+own = [float(mrpo.reward_accuracy(c[k], r[k]).mean()) for k in range(len(REFS))]  # ties half, as in train.py
 table = [{"method": f"reference {k + 1} ({name}), untrained", "policy acc": [own[k], 0.0],
           "ref-1 reward acc": [0.5, 0.0] if k == 0 else None, "ref-1 margin": [0.0, 0.0] if k == 0 else None,
           "seconds": None, "runs": 0} for k, name in enumerate(REFS)]
