@@ -79,20 +79,22 @@ training re-encodes exactly what was scored. Truncated rows are counted and repo
 How the log-probs are computed (pair_logps, also used by train.py and eval.py): exactly what a forward pass of each
 sequence alone gives, computed on fewer tokens. The prompt that the chosen and the rejected response share is run
 once, followed by both responses in the same row; an attention mask keeps the responses apart and the positions of
-each continue from the shared prompt (prefix sharing). Each pair is one forward of batch size 1, so nothing is
-padding. The output layer and the log-softmax (float32, even when the model runs in bf16) run only at the positions
-that predict a response token. Pairs are sorted by length (length_order) and scored --batch-size pairs at a time.
+each continue from the shared prompt (prefix sharing). The pairs of a batch are packed one after another into one
+row of tokens (rows of at most ROW_TOKENS), so nothing is padding and the matrix multiplies see every token of the
+batch at once. Attention runs pair by pair (pairwise_attention): the row's mask is block-diagonal, and computing each
+block alone costs what the pairs would cost alone instead of the square of the row. The output layer and the
+log-softmax (float32, even when the model runs in bf16) run only at the positions that predict a response token.
 tests/test_fast_forward.py checks all this against a plain forward of each sequence.
 
-Why one pair per forward (ROW_TOKENS = 0), although pack_row can pack several pairs into one row: a pair's log-probs
-are then a function of the pair alone, bit for bit, whatever else is in its batch. In bf16 (and 4 bit) they are not
-otherwise: padding, or other pairs in the same row, change the blocking of the attention and matmul reductions, and
-measured on SmolLM2 with 16 dialogue pairs the same pair scored up to 0.66 nats apart packed with others vs alone
-(6e-5 in fp32). Because precompute.py, train.py and eval.py all score a pair in its own forward, the policy at step 0
-reproduces the cached reference-1 log-probs exactly in every dtype, and so do eval.py's base-model numbers. It costs
-little here: measured on 8-pair training steps on 2 CPU cores, one pair per forward was 7% faster in fp32 and 17%
-slower in bf16 than rows of 1024 tokens. On a GPU with short pairs, pair_logps(..., row_tokens=1024) fills the GPU
-better, at the price of that bit-exactness.
+Why a pair's log-probs do not depend on the other pairs of its row: the linear layers, norms and the output layer
+act on each token alone, and attention sees only the pair's own block. What is left is whether a matrix multiply
+gives a row the same bits whatever the number of rows M beside it. Measured on this CPU (oneDNN, torch 2.13) for
+every weight shape of SmolLM2 and Gemma 3: bf16 always does; fp32 does for M >= 12 and M in {4, 8}, and otherwise
+differs in the last bit (about 1e-6 of a log-prob). So precompute.py, train.py and eval.py give the same pair the
+same log-probs however they batch it, bit for bit in bf16, to float32 rounding in fp32; the policy at step 0
+reproduces the cached reference-1 log-probs (train.py checks this and warns otherwise). Packing the pairs with full
+attention over the row did not keep this: the attention kernel's blocking then changes a pair's bf16 log-probs by
+up to 0.66 nats. On a GPU, cuBLAS may choose other kernels for other M: the step-0 check reports how close it is.
 
 Shapes: B pairs in a batch, L tokens in a packed row, H hidden size, V vocabulary, K references, N pairs.
 """
@@ -115,7 +117,7 @@ import torch
 DEFAULT_REFS = ["smollm2", "gemma3"]
 CACHE_FORMAT = "mrpo-refs-v1"
 QWEN_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
-ROW_TOKENS = 0  # pair_logps packs pairs into rows of at most this many tokens; 0: one pair per forward (see above)
+ROW_TOKENS = 4096  # pair_logps packs pairs into rows of at most this many tokens (a longer pair gets its own row)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -618,6 +620,7 @@ class PackedRow(NamedTuple):
     predictors: torch.Tensor  # (n,) row positions whose output predicts a scored token
     targets: torch.Tensor  # (n,) the scored tokens
     sequence: torch.Tensor  # (n,) which sequence each scored token belongs to: 2 * pair + (0 chosen | 1 rejected)
+    spans: list  # [(begin, end)] the row offsets of each pair, in order
 
 
 def pack_row(encoded_pairs):
@@ -627,11 +630,12 @@ def pack_row(encoded_pairs):
     len(chosen) + t - P (P = shared_prefix); token t is predicted by the output at token t-1 of the same sequence,
     which for t = P is the last shared token. Tokens t >= max(start, 1) are scored.
     """
-    ids, pos, pair, branch, predictors, targets, sequence = [], [], [], [], [], [], []
+    ids, pos, pair, branch, predictors, targets, sequence, spans = [], [], [], [], [], [], [], []
     for i, (c, r) in enumerate(encoded_pairs):
         P, base = shared_prefix(c, r), len(ids)
         rejected_base = base + len(c.ids) - P  # rejected token t >= P sits at rejected_base + t
         ids += c.ids + r.ids[P:]
+        spans.append((base, len(ids)))
         pos += list(range(len(c.ids))) + list(range(P, len(r.ids)))
         pair += [i] * (len(c.ids) + len(r.ids) - P)
         branch += [0] * P + [1] * (len(c.ids) - P) + [2] * (len(r.ids) - P)
@@ -645,7 +649,7 @@ def pack_row(encoded_pairs):
             sequence.append(2 * i + 1)
     long = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731
     return PackedRow(long([ids]), long([pos]), long(pair), long(branch), long(predictors), long(targets),
-                     long(sequence))
+                     long(sequence), spans)
 
 
 def attention_mask(config, row):
@@ -658,10 +662,7 @@ def attention_mask(config, row):
     tensor would be given to all layers as it is (transformers' masking_utils returns a 4D mask unchanged), silently
     dropping the window. sdpa takes a boolean mask (True = attend); eager adds the mask, so it gets 0 / -inf.
     """
-    impl = config._attn_implementation or "eager"
-    if "flash" in impl:
-        raise ValueError(f"attention implementation {impl!r} cannot take the prefix-sharing mask of pair_logps; fix: "
-                         f"load the model with attn_implementation='sdpa' (the default) or 'eager'")
+    impl = (config._attn_implementation or "eager").removeprefix("pairwise_")  # sdpa or eager: see pair_logps
     pos, pair, branch = row.position_ids[0], row.pair, row.branch  # (L,) each
     allowed = ((pair[:, None] == pair[None, :]) & (pos[None, :] <= pos[:, None])
                & ((branch[None, :] == 0) | (branch[None, :] == branch[:, None])))  # (L, L): [query, key]
@@ -678,9 +679,10 @@ def attention_mask(config, row):
     return masks if len(layer_types) > 1 else masks[layer_types.pop()]
 
 
-def token_logps(model, hidden, targets, chunk=1 << 26):
+def token_logps(model, hidden, targets, chunk=1 << 22):
     """log p(target | hidden) of n positions: (n,) float32. The output layer and the log-softmax run on these rows
-    only, in chunks of at most `chunk` logits (Gemma's vocabulary has 262k words), as the model's own forward does:
+    only, in chunks of at most `chunk` logits (16 MB in float32: 85 rows of SmolLM2's 49k words, 16 of Gemma's 262k;
+    larger chunks only raise the peak memory of a packed row), as the model's own forward does:
     logits = lm_head(h), soft-capped as cap * tanh(logits / cap) when config.final_logit_softcapping is set."""
     head, cap = model.get_output_embeddings(), getattr(model.config, "final_logit_softcapping", None)
     rows = max(1, chunk // head.weight.shape[0])
@@ -706,6 +708,44 @@ def pair_rows(encoded_pairs, row_tokens):
     return rows
 
 
+def pairwise_attention(module, query, key, value, attention_mask, pair_spans=None, **kwargs):
+    """The attention of a packed row, one pair at a time; the attention implementation pair_logps installs.
+
+    query (1, heads, L, D), key and value (1, kv_heads, L, D), attention_mask (1, 1, L, L) from attention_mask(),
+    pair_spans [(begin, end)] from pack_row. The mask lets no token see another pair, so attention over the row is
+    block-diagonal: each pair's block is computed alone, by the attention the model was loaded with (sdpa or eager),
+    and the outputs are joined. Without pair_spans (generation, or any forward that is not pair_logps') it is that
+    attention on the whole input. Returns (output (1, L, heads, D), None), as every transformers attention does.
+    """
+    impl = module.config._attn_implementation.removeprefix("pairwise_")
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    inner = ALL_ATTENTION_FUNCTIONS.get_interface(impl, sys.modules[type(module).__module__].eager_attention_forward)
+    if pair_spans is None:
+        return inner(module, query, key, value, attention_mask, **kwargs)
+    out = [inner(module, query[:, :, b:e], key[:, :, b:e], value[:, :, b:e], attention_mask[:, :, b:e, b:e],
+                 **kwargs)[0] for b, e in pair_spans]  # each (1, e - b, heads, D)
+    return torch.cat(out, dim=1), None
+
+
+def use_pairwise_attention(model):
+    """Make the model's attention pairwise_attention around the one it was loaded with (sdpa or eager), once.
+
+    The model keeps it: under gradient checkpointing the backward pass re-runs the forward and must see the same
+    attention. Generation and plain forwards are unchanged (no pair_spans: the wrapped attention on the whole input).
+    """
+    impl = model.config._attn_implementation or "eager"
+    if impl.startswith("pairwise_"):
+        return
+    if impl not in ("sdpa", "eager"):
+        raise ValueError(f"attention implementation {impl!r} cannot take the prefix-sharing mask of pair_logps; fix: "
+                         f"load the model with attn_implementation='sdpa' (the default) or 'eager'")
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+    AttentionInterface.register("pairwise_" + impl, pairwise_attention)
+    AttentionMaskInterface.register("pairwise_" + impl, ALL_MASK_ATTENTION_FUNCTIONS[impl])  # masks for generation
+    model.set_attn_implementation("pairwise_" + impl)
+
+
 def pair_logps(model, encoded_pairs, row_tokens=ROW_TOKENS):
     """Summed response log-probs of B pairs: (chosen (B,), rejected (B,)), float32, differentiable.
 
@@ -713,12 +753,13 @@ def pair_logps(model, encoded_pairs, row_tokens=ROW_TOKENS):
     sequence alone would give, but computed on fewer tokens:
     * the prompt the two responses share is run once, with the two responses after it in the same row; the mask
       keeps them apart and each response's positions continue from the shared length (prefix sharing);
-    * each pair is one forward of batch size 1 (or, with row_tokens > 0, pairs are packed into rows of at most
-      row_tokens tokens, one forward each): no padding;
+    * the pairs are packed, in order, into rows of at most row_tokens tokens, one forward of batch size 1 each: no
+      padding; attention runs pair by pair inside the row (pairwise_attention, installed here on first use);
     * the output layer and the log-softmax run only where a scored token is predicted (token_logps).
     model: a causal LM, or a peft wrapper of one (its LoRA layers sit inside the decoder that is called here).
     """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    use_pairwise_attention(base)
     decoder, device = base.get_decoder(), base.get_output_embeddings().weight.device
     sums = torch.zeros(2 * len(encoded_pairs), dtype=torch.float32, device=device)  # (2B,) chosen_0, rejected_0, ...
     for idx in pair_rows(encoded_pairs, row_tokens):
@@ -726,7 +767,7 @@ def pair_logps(model, encoded_pairs, row_tokens=ROW_TOKENS):
         mask = attention_mask(base.config, row)
         mask = {k: m.to(device) for k, m in mask.items()} if isinstance(mask, dict) else mask.to(device)
         hidden = decoder(input_ids=row.input_ids.to(device), position_ids=row.position_ids.to(device),
-                         attention_mask=mask, use_cache=False).last_hidden_state[0]  # (L, H)
+                         attention_mask=mask, pair_spans=row.spans, use_cache=False).last_hidden_state[0]  # (L, H)
         logps = token_logps(base, hidden[row.predictors.to(device)], row.targets.to(device))  # (n,)
         sequence = 2 * torch.tensor(idx)[row.sequence // 2] + row.sequence % 2  # (n,) index into sums
         sums = sums.index_add(0, sequence.to(device), logps)

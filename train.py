@@ -364,6 +364,9 @@ if args.grad_checkpointing:
 targets = "all-linear" if args.lora_targets == "all-linear" else args.lora_targets.split(",")
 model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                                          target_modules=targets, task_type="CAUSAL_LM"))
+for module in model.modules():  # under bf16 autocast peft's cast of each LoRA input to float32 only adds two copies
+    if hasattr(module, "cast_input_dtype_enabled"):  # per layer and pass: autocast runs the LoRA matmuls in bf16
+        module.cast_input_dtype_enabled = args.dtype != "bf16"  # anyway (the values are the same)
 params = [p for p in model.parameters() if p.requires_grad]
 n_trainable = sum(p.numel() for p in params)
 if world > 1:  # every rank starts from rank 0's LoRA weights (they are seeded alike anyway; DDP does the same)
@@ -383,7 +386,7 @@ def get_lr(step):
 
 def policy_logps(encs):
     """Log-probs of the chosen and the rejected responses of B pairs, (chosen (B,), rejected (B,), tokens), by
-    precompute.pair_logps: the code that scored the references (shared prompt, one forward per pair, no padding).
+    precompute.pair_logps: the code that scored the references (shared prompts, packed pairs, no padding).
     Summed over the response tokens (the step-0 check compares these with the cache), or not: see per_token."""
     with autocast:
         chosen, rejected = pair_logps(model, encs)

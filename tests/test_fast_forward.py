@@ -101,6 +101,28 @@ def test_pair_logps_equal_plain_forward(name, attn, row_tokens):
     assert fast[0][-1] == 0 and plain[0][-1] == 0  # the fully truncated response scores nothing
 
 
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_pairwise_attention_leaves_plain_forwards_and_generation_alone(name, attn):
+    """pair_logps installs pairwise_attention in the model for good; a plain forward (with a padded batch and its
+    2D mask) and greedy generation afterwards give what they gave before it, and pair_logps still matches them."""
+    model = MODELS[name](attn)
+    pairs = random_pairs(model.config.vocab_size)
+    ids = torch.tensor([pairs[0][0].ids[:12], [0] * 3 + pairs[1][0].ids[:9]])  # the second row left-padded
+    mask = torch.tensor([[1] * 12, [0] * 3 + [1] * 9])
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        generated = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
+        plain = plain_logps(model, pairs)
+        fast = precompute.pair_logps(model, pairs)
+        assert model.config._attn_implementation == "pairwise_" + attn
+        assert torch.equal(model(input_ids=ids, attention_mask=mask).logits, logits)
+        assert torch.equal(model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False),
+                           generated)
+        torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(precompute.pair_logps(model, pairs), fast, rtol=0, atol=0)
+
+
 def test_gemma3_window_and_softcap_are_not_dropped():
     """The test above would pass vacuously if the window or the soft-cap did nothing: show both change the result."""
     model = tiny_gemma3("sdpa")
