@@ -980,7 +980,7 @@ def main():
                        help="where GGUF models are cached as safetensors (default: $MRPO_CACHE or ~/.cache/mrpo)")
     group = parser.add_argument_group("Scoring")
     group.add_argument("--batch-size", type=int, default=8,
-                       help="pairs per batch (the unit of progress and resume); each pair is one forward")
+                       help="pairs per batch (the unit of progress and resume), packed into one forward pass")
     group.add_argument("--stop-after-batches", type=int, default=None,
                        help="for tests: stop after scoring this many batches (per process under torchrun), as if "
                             "the run were killed")

@@ -3,7 +3,7 @@ r"""Train a policy by DPO, MRPO, Multi-DPO or Mean-Ref with LoRA, optionally on 
 The policy starts as reference 1 (the first model in the reference cache) and is trained through LoRA adapters
 (peft). The K reference models are not loaded: their log-probs come from the cache that precompute.py wrote, so
 training holds one model in memory whatever K is. Each optimizer step reads a batch of pairs, runs each pair's shared
-prompt once with its chosen and rejected responses after it (one forward per pair, no padding), sums the
+prompt once with its chosen and rejected responses after it (the pairs packed into one row, no padding), sums the
 response-token log-probs in float32 (precompute.pair_logps, the same code that scored the references) and applies a
 loss from mrpo.py.
 
@@ -644,7 +644,7 @@ while step < total_steps:
             diff = max(float((pc.float().cpu() - ref1_chosen_sums[mine[:micro]]).abs().max()),
                        float((pr.float().cpu() - ref1_rejected_sums[mine[:micro]]).abs().max()))
             same = (ref1["dtype"], ref1["quantization"]) == (args.dtype, quant or "none")
-            tol = 1e-3 if same else 0.5  # same dtype and quantization: exact (each pair is its own forward)
+            tol = 1e-3 if same else 0.5  # same dtype and quantization: exact (see precompute.py's docstring)
             log({"step": 0, "check/ref1_max_abs_diff": diff, "check/sequences": 2 * len(mine[:micro])})  # rank 0's
             message = (f"step-0 check: policy vs cached reference-1 log-probs, max |diff| = {diff:.2e} nats over "
                        f"{2 * len(mine[:micro])} sequences")
