@@ -90,8 +90,10 @@ Why a pair's log-probs do not depend on the other pairs of its row: the linear l
 act on each token alone, and attention sees only the pair's own block. What is left is whether a matrix multiply
 gives a row the same bits whatever the number of rows M beside it. Measured on this CPU (oneDNN, torch 2.13) for
 every weight shape of SmolLM2 and Gemma 3: bf16 always does; fp32 does for M >= 12 and M in {4, 8}, and otherwise
-differs in the last bit (about 1e-6 of a log-prob). So precompute.py, train.py and eval.py give the same pair the
-same log-probs however they batch it, bit for bit in bf16, to float32 rounding in fp32; the policy at step 0
+differs in the last bit (about 1e-6 of a log-prob). A packed row is hundreds of tokens and token_logps never
+multiplies fewer than 12 rows unless the whole row scores fewer. So precompute.py, train.py and eval.py give the same
+pair the same log-probs however they batch it: bit for bit in bf16, and in fp32 but for such tiny rows (where it is
+float32 rounding); the policy at step 0
 reproduces the cached reference-1 log-probs (train.py checks this and warns otherwise). Packing the pairs with full
 attention over the row did not keep this: the attention kernel's blocking then changes a pair's bf16 log-probs by
 up to 0.66 nats. On a GPU, cuBLAS may choose other kernels for other M: the step-0 check reports how close it is.
@@ -681,18 +683,21 @@ def attention_mask(config, row):
 
 def token_logps(model, hidden, targets, chunk=1 << 22):
     """log p(target | hidden) of n positions: (n,) float32. The output layer and the log-softmax run on these rows
-    only, in chunks of at most `chunk` logits (16 MB in float32: 85 rows of SmolLM2's 49k words, 16 of Gemma's 262k;
-    larger chunks only raise the peak memory of a packed row), as the model's own forward does:
-    logits = lm_head(h), soft-capped as cap * tanh(logits / cap) when config.final_logit_softcapping is set."""
+    only, as the model's own forward does: logits = lm_head(h), soft-capped as cap * tanh(logits / cap) when
+    config.final_logit_softcapping is set. They run in chunks of about `chunk` logits (16 MB in float32: 85 rows of
+    SmolLM2's 49k words; at least 24 rows, e.g. for Gemma's 262k words), split into nearly equal parts rather than
+    leaving a short last one: an fp32 matmul of fewer than 12 rows gives other last bits here (see the docstring).
+    """
     head, cap = model.get_output_embeddings(), getattr(model.config, "final_logit_softcapping", None)
-    rows = max(1, chunk // head.weight.shape[0])
+    rows = max(24, chunk // head.weight.shape[0])
+    parts = max(1, -(-len(targets) // rows))  # ceil(n / rows) chunks of n // parts or n // parts + 1 rows
     out = []
-    for i in range(0, len(targets), rows):
-        logits = head(hidden[i:i + rows]).float()  # (rows, V)
+    for h, t in zip(hidden.tensor_split(parts), targets.tensor_split(parts)):
+        logits = head(h).float()  # (rows, V)
         if cap is not None:
             logits = cap * torch.tanh(logits / cap)
-        out.append(torch.log_softmax(logits, dim=-1).gather(-1, targets[i:i + rows, None]).squeeze(-1))
-    return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)
+        out.append(torch.log_softmax(logits, dim=-1).gather(-1, t[:, None]).squeeze(-1))
+    return torch.cat(out)
 
 
 def pair_rows(encoded_pairs, row_tokens):

@@ -123,6 +123,27 @@ def test_pairwise_attention_leaves_plain_forwards_and_generation_alone(name, att
         torch.testing.assert_close(precompute.pair_logps(model, pairs), fast, rtol=0, atol=0)
 
 
+def test_token_logps_of_a_position_do_not_depend_on_its_neighbours():
+    """fp32, 26 vs 24 scored positions: each position gets the same bits whichever rows are scored with it. The
+    chunks are nearly equal (13 + 13, not 24 + 2): an fp32 matmul of fewer than 12 rows gives other last bits on the
+    CPUs this project is measured on, which would make the cached and the policy's log-probs differ by batching."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)  # sizes at which the short-matmul difference shows (it does not at hidden size 32)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=1000, hidden_size=64, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2)).eval()
+    with torch.no_grad():  # logits of a trained model's size, so that last-bit differences survive the log-softmax
+        model.lm_head.weight.mul_(50)
+    hidden = torch.randn(26, model.config.hidden_size)
+    targets = torch.randint(0, model.config.vocab_size, (26,))
+    chunk = 24 * model.config.vocab_size  # 24 rows a chunk
+    with torch.no_grad():
+        all_26 = precompute.token_logps(model, hidden, targets, chunk=chunk)
+        last_24 = precompute.token_logps(model, hidden[2:], targets[2:], chunk=chunk)
+        plain = torch.log_softmax(model.lm_head(hidden), dim=-1)[torch.arange(26), targets]
+    assert torch.equal(all_26[2:], last_24)
+    torch.testing.assert_close(all_26, plain, rtol=1e-6, atol=1e-6)
+
+
 def test_gemma3_window_and_softcap_are_not_dropped():
     """The test above would pass vacuously if the window or the soft-cap did nothing: show both change the result."""
     model = tiny_gemma3("sdpa")

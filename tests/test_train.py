@@ -468,11 +468,12 @@ def dialogue_model(tmp_path_factory):
     return data, model_dir
 
 
-@pytest.mark.parametrize("flags", [["--dtype", "bf16"], ["--dtype", "bf16", "--load-in-4bit"]], ids=["bf16", "bf16-4bit"])
+@pytest.mark.parametrize("flags", [["--dtype", "fp32"], ["--dtype", "bf16"], ["--dtype", "bf16", "--load-in-4bit"]],
+                         ids=["fp32", "bf16", "bf16-4bit"])
 def test_policy_starts_exactly_at_reference_1(dialogue_model, tmp_path, flags):
     """precompute.py and train.py in the same dtype and quantization: the step-0 policy log-probs of all 16 sequences
-    of a batch of 8 pairs equal the cached reference-1 ones bit for bit. (Packing pairs together, or peft's fp32
-    upcast of a 4-bit model, made them differ.)"""
+    of a batch of 8 pairs (one packed row) equal the cached reference-1 ones (scored in rows of 3 pairs) bit for bit.
+    (Attention over the whole packed row, or peft's fp32 upcast of a 4-bit model, made them differ.)"""
     data, model_dir = dialogue_model
     cache = str(tmp_path / "refs.safetensors")
     subprocess.run([sys.executable, "precompute.py", "--data", data, "--out", cache, "--refs", model_dir,
