@@ -48,13 +48,12 @@ import tempfile
 import time
 
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
 import mrpo
 from precompute import (CacheMismatchError, DataError, default_cache_dir, encode_pairs, generation_prompt, length_order,
                         load_cache, load_model, model_identity, pair_logps, read_pairs, resolve_device)
-from precompute import gather, init_distributed
+from precompute import finish_distributed, gather, init_distributed
 
 # ----------------------------------------------------------------------------------------------------------------
 # Config
@@ -213,7 +212,7 @@ references = [{"name": r["name"], "accuracy": accuracy(ref_chosen_logps[k], ref_
                "logps/chosen": float(ref_chosen_logps[k].mean()),
                "logps/rejected": float(ref_rejected_logps[k].mean())} for k, r in enumerate(cache["refs"])]
 if world > 1:  # under torchrun the other ranks are done (they scored their share); rank 0 generates and writes
-    dist.destroy_process_group()
+    finish_distributed()
     if rank != 0:
         sys.exit(0)
 

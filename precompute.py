@@ -370,6 +370,16 @@ def init_distributed():
     return dist.get_rank(), dist.get_world_size()
 
 
+def finish_distributed():
+    """Leave the process group, if init_distributed joined one: every rank first waits at a barrier for the others, so
+    no rank tears its connections down while another is still busy (rank 0 writing files). Without the wait, Gloo
+    sometimes aborted the early rank at exit ('terminate called without an active exception'), failing the run."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def rank_and_world():
     """(rank, world_size) of this process: (0, 1) unless init_distributed joined a process group."""
     import torch.distributed as dist
@@ -1060,8 +1070,7 @@ def main():
         shutil.rmtree(args.out + ".partial", ignore_errors=True)
         print(f"wrote {args.out}: {len(pairs)} pairs x {len(refs)} refs in {time.time() - t_start:.0f}s | "
               + " | ".join(summary) + (f" | {world} processes" if world > 1 else ""))
-    if world > 1:
-        torch.distributed.destroy_process_group()
+    finish_distributed()
 
 
 if __name__ == "__main__":

@@ -91,7 +91,7 @@ from tqdm import tqdm
 import mrpo
 from precompute import (CacheMismatchError, DataError, default_cache_dir, encode_pairs, length_order, load_cache,
                         load_model, load_tokenizer, model_identity, pair_logps, read_pairs, resolve_device)
-from precompute import gather, init_distributed
+from precompute import finish_distributed, gather, init_distributed
 
 # ----------------------------------------------------------------------------------------------------------------
 # Config
@@ -711,6 +711,7 @@ while step < total_steps:
         if rank == 0:
             print(f"train.py: stopped after step {step} (--stop-after); continue with the same command and --resume",
                   file=sys.stderr)
+        finish_distributed()
         sys.exit(0)
 bar.close()
 if rank == 0:
@@ -730,5 +731,4 @@ if rank == 0:
                     f"{eval_records[-1]['eval_rewards/accuracies']:.3f}, margin "
                     f"{eval_records[-1]['eval_rewards/margins']:.4f}")
     print(summary + f" | adapter in {args.out_dir}")
-if world > 1:
-    dist.destroy_process_group()
+finish_distributed()
