@@ -93,10 +93,10 @@ every weight shape of SmolLM2 and Gemma 3: bf16 always does; fp32 does for M >= 
 differs in the last bit (about 1e-6 of a log-prob). A packed row is hundreds of tokens and token_logps never
 multiplies fewer than 12 rows unless the whole row scores fewer. So precompute.py, train.py and eval.py give the same
 pair the same log-probs however they batch it: bit for bit in bf16, and in fp32 but for such tiny rows (where it is
-float32 rounding); the policy at step 0
-reproduces the cached reference-1 log-probs (train.py checks this and warns otherwise). Packing the pairs with full
-attention over the row did not keep this: the attention kernel's blocking then changes a pair's bf16 log-probs by
-up to 0.66 nats. On a GPU, cuBLAS may choose other kernels for other M: the step-0 check reports how close it is.
+float32 rounding); the policy at step 0 reproduces the cached reference-1 log-probs (train.py checks this and warns
+otherwise). Packing the pairs with full attention over the row did not keep this: the attention kernel's blocking
+then changes a pair's bf16 log-probs by up to 0.66 nats. On a GPU, cuBLAS may choose other kernels for other M: the
+step-0 check reports how close it is.
 
 Shapes: B pairs in a batch, L tokens in a packed row, H hidden size, V vocabulary, K references, N pairs.
 """

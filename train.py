@@ -364,9 +364,11 @@ if args.grad_checkpointing:
 targets = "all-linear" if args.lora_targets == "all-linear" else args.lora_targets.split(",")
 model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                                          target_modules=targets, task_type="CAUSAL_LM"))
-for module in model.modules():  # under bf16 autocast peft's cast of each LoRA input to float32 only adds two copies
-    if hasattr(module, "cast_input_dtype_enabled"):  # per layer and pass: autocast runs the LoRA matmuls in bf16
-        module.cast_input_dtype_enabled = args.dtype != "bf16"  # anyway (the values are the same)
+# Under bf16 autocast, peft's cast of each LoRA input to float32 only adds two copies per layer and pass: autocast runs
+# the LoRA matmuls in bf16 anyway (the values are the same).
+for module in model.modules():
+    if hasattr(module, "cast_input_dtype_enabled"):
+        module.cast_input_dtype_enabled = args.dtype != "bf16"
 params = [p for p in model.parameters() if p.requires_grad]
 n_trainable = sum(p.numel() for p in params)
 if world > 1:  # every rank starts from rank 0's LoRA weights (they are seeded alike anyway; DDP does the same)

@@ -6,9 +6,9 @@
 
 It scores the chosen and rejected responses of --rows pairs exactly as precompute.py does (each model's own format,
 pairs sorted by length, --batch-size pairs per precompute.pair_logps call: shared prompts, the pairs of a call packed
-into one row, attention pair by pair, no padding, float32 log-probs) and prints one line per (model, dtype): model load time, tokens/s counting the tokens of both
-sequences of each pair (prompt + response, the prompt twice: the same unit as the padded version before it), and the
-share of those tokens that sharing the prompt saves.
+into one row, attention pair by pair, no padding, float32 log-probs) and prints one line per (model, dtype): model
+load time, tokens/s counting the tokens of both sequences of each pair (prompt + response, the prompt twice: the same
+unit as the padded version before it), and the share of those tokens that sharing the prompt saves.
 """
 
 import argparse
@@ -77,7 +77,8 @@ def main():
             shares.append(1 - computed / tokens)
             print(f"{spec:>14} {dtype:>5}: load {load_s:5.1f}s | {tokens / seconds:7.0f} tokens/s "
                   f"({tokens} sequence tokens in {seconds:.1f}s, mean length {tokens / (2 * len(encoded)):.0f}) | "
-                  f"{computed} tokens computed: shared prompts save {shares[-1]:.1%}, padding 0.0% (pairs packed into rows)",
+                  f"{computed} tokens computed: shared prompts save {shares[-1]:.1%}, padding 0.0% "
+                  f"(pairs packed into rows)",
                   flush=True)
             del model
     print(f"done: {len(shares)} runs; tokens/s counts the tokens of both sequences of every pair (the unit of the "
