@@ -5,12 +5,12 @@
 #   bash demo.sh              # outputs in runs/demo/ (refs_*.safetensors, dpo/, mrpo/, eval.json, times.txt)
 #   PY=python bash demo.sh    # another interpreter than .venv/bin/python
 #
-# Demo hyperparameters (CPU, ~17 minutes on 2 cores): LoRA r=16 on SmolLM2-135M-Instruct, batch 8 pairs, 60 steps
+# Demo hyperparameters (CPU, ~8 minutes on 2 cores): LoRA r=16 on SmolLM2-135M-Instruct, batch 8 pairs, 60 steps
 # (1.6 epochs of the 300 training pairs), lr 5e-4 (the paper uses 1e-5 for 7B models and 3 epochs; a 135M model and
-# a few minutes need a larger step), fp32 (a LoRA training step of this model is ~15% slower in bf16 on a CPU
-# without AMX: `python bench/bench_train.py --dtype bf16`; reference 1 is scored in the same dtype as the policy, so
-# the policy's step-0 log-probs equal the cached ones). Every stage is resumable: rerun the script and finished
-# stages are skipped.
+# a few minutes need a larger step), fp32 (the demo's figures in the README are fp32 ones; a bf16 step is now about
+# 30% faster on this CPU, `python bench/bench_train.py --dtype bf16`, and exact too; reference 1 is scored in the same
+# dtype as the policy, so the policy's step-0 log-probs equal the cached ones). Every stage is resumable: rerun the
+# script and finished stages are skipped.
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PY:-.venv/bin/python}
