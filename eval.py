@@ -51,8 +51,8 @@ import torch
 from tqdm import tqdm
 
 import mrpo
-from precompute import (CacheMismatchError, DataError, default_cache_dir, encode_pairs, generation_prompt, length_order,
-                        load_cache, load_model, model_identity, pair_logps, read_pairs, resolve_device)
+from precompute import (CacheMismatchError, DataError, autocast, default_cache_dir, encode_pairs, generation_prompt,
+                        load_cache, load_model, model_identity, read_pairs, resolve_device, row_logps)
 from precompute import finish_distributed, gather, init_distributed
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -78,7 +78,6 @@ group.add_argument("--eps", type=float, default=None, help="a fixed CTRO eps ins
 group.add_argument("--no-clip", action="store_true", help="no CTRO clipping in the virtual reference")
 group = parser.add_argument_group("Output")
 group.add_argument("--out", default="runs/eval.json", help="JSON file of all numbers (written atomically)")
-group.add_argument("--batch-size", type=int, default=16, help="pairs per forward pass")
 group.add_argument("--generate", type=int, default=0, help="write greedy responses to the first N prompts")
 group.add_argument("--max-new-tokens", type=int, default=64, help="most tokens generated per response")
 args = parser.parse_args()
@@ -146,7 +145,6 @@ for path in args.adapters:
     else:
         model.load_adapter(path, adapter_name=names[path])
 model.eval()
-autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
 
 
 def policy_context(path):
@@ -162,21 +160,21 @@ try:
 except DataError as e:
     fail(str(e))
 encoded = list(zip(sequences[0::2], sequences[1::2]))  # (chosen, rejected) of each pair
-order = length_order(encoded)  # a fixed order, longest pair first
 
 
 @torch.no_grad()
 def policy_logps(path):
-    """log pi(y_w|x), log pi(y_l|x) of every pair under policy `path`: (N,), (N,) float32, in data order."""
+    """log pi(y_w|x), log pi(y_l|x) of every pair under policy `path`: (N,), (N,) float32, in data order. Scored one
+    forward per row of the cache, the rows reference 1 was scored in: the base model reproduces the cached
+    reference-1 log-probs bit for bit (same dtype and quantization), so its rewards against reference 1 are 0."""
     chosen, rejected = torch.zeros(N), torch.zeros(N)
-    batches = [order[start:start + args.batch_size] for start in range(0, N, args.batch_size)]
     mine = []  # pair indices this rank scored (all of them in one process)
     with policy_context(path):
-        for idx in tqdm(batches[rank::world], desc=path, leave=False, dynamic_ncols=True, disable=rank != 0):
-            with autocast:
-                c, r = pair_logps(model, [encoded[i] for i in idx])  # (B,), (B,)
-            chosen[idx], rejected[idx] = c.cpu(), r.cpu()
-            mine += idx
+        for row in tqdm(cache["rows"][rank::world], desc=path, leave=False, dynamic_ncols=True, disable=rank != 0):
+            with autocast(device, args.dtype):
+                c, r = row_logps(model, encoded, [row])  # (B,), (B,)
+            chosen[row], rejected[row] = c.cpu(), r.cpu()
+            mine += row
     for idx, c, r in gather((mine, chosen[mine], rejected[mine])):  # every rank's share, on every rank
         chosen[idx], rejected[idx] = c, r
     return chosen, rejected
@@ -224,7 +222,7 @@ if args.generate:
                                        args.max_new_tokens)  # the prompt in the model's format, generation prompt on
         row = {"prompt": pairs[i]["prompt"], "chosen": pairs[i]["chosen"], "rejected": pairs[i]["rejected"]}
         for path in ["base"] + [p for p in args.adapters if p != "base"]:
-            with policy_context(path), autocast:
+            with policy_context(path), autocast(device, args.dtype):
                 out = model.generate(input_ids=torch.tensor([prompt_ids], device=device),
                                      attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long, device=device),
                                      max_new_tokens=args.max_new_tokens, do_sample=False,

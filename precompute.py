@@ -117,7 +117,7 @@ from typing import NamedTuple
 import torch
 
 DEFAULT_REFS = ["smollm2", "gemma3"]
-CACHE_FORMAT = "mrpo-refs-v1"
+CACHE_FORMAT = "mrpo-refs-v2"
 QWEN_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
 ROW_TOKENS = 4096  # pair_logps packs pairs into rows of at most this many tokens (a longer pair gets its own row)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -795,6 +795,28 @@ def length_order(encoded_pairs):
     return sorted(range(len(size)), key=lambda i: (-size[i], i))
 
 
+def canonical_rows(n, pairs_per_row, seed=0):
+    """The rows of a data set of n pairs: the pairs in a seeded random order, pairs_per_row at a time (the last row
+    may hold fewer). precompute.py scores reference 1 in exactly these rows and stores them in the cache; train.py
+    and eval.py run the policy on the same rows, so the policy's first forward is reference 1's, bit for bit."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    return [order[i:i + pairs_per_row] for i in range(0, n, pairs_per_row)]
+
+
+def row_logps(model, encoded_pairs, rows):
+    """Summed response log-probs of the pairs of `rows` (lists of pair indices), one pair_logps call per row:
+    (chosen, rejected), each (number of pairs in rows,) float32, differentiable, in the order the rows list them."""
+    parts = [pair_logps(model, [encoded_pairs[i] for i in row]) for row in rows]
+    return torch.cat([c for c, _ in parts]), torch.cat([r for _, r in parts])
+
+
+def autocast(device, dtype):
+    """The autocast context of every forward: bf16 autocast when the weights are bf16, else none (the same in all
+    three scripts, so that reference 1 and the policy run the same operations)."""
+    device = torch.device(device)
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The cache file
 
@@ -812,8 +834,9 @@ def load_cache(path, pairs, data_path=None):
     """Load a reference cache and check it was computed from exactly these pairs, in this order.
 
     Returns {"chosen_logps": (K,N) float32, "rejected_logps": (K,N) float32, "chosen_tokens": (K,N) float32,
-    "rejected_tokens": (K,N) float32, "refs": list of K dicts}; the token counts (the scored response tokens under
-    each reference's tokenizer) are None in caches written before they were stored.
+    "rejected_tokens": (K,N) float32, "refs": list of K dicts, "rows": the rows reference 1 was scored in (lists of
+    pair indices), "row_pairs": pairs per row}; the token counts are the scored response tokens under each
+    reference's tokenizer.
     Raises CacheMismatchError naming the cache, the first row that differs and the command that rebuilds it.
     """
     from safetensors import safe_open
@@ -827,7 +850,7 @@ def load_cache(path, pairs, data_path=None):
             raise CacheMismatchError(f"{path}: not an mrpo reference cache (format {meta.get('format')!r}, "
                                      f"expected {CACHE_FORMAT!r}); fix: rebuild it with precompute.py")
         tensors = {name: f.get_tensor(name) if name in f.keys() else None
-                   for name in ("chosen_logps", "rejected_logps", "chosen_tokens", "rejected_tokens")}
+                   for name in ("chosen_logps", "rejected_logps", "chosen_tokens", "rejected_tokens", "rows")}
     hint = _rerun_hint(meta, path) if data_path is None else _rerun_hint({**meta, "data": data_path}, path)
     cached = json.loads(meta["fingerprints"])
     current = [pair_fingerprint(p) for p in pairs]
@@ -839,7 +862,9 @@ def load_cache(path, pairs, data_path=None):
     if len(cached) != len(current):
         raise CacheMismatchError(f"{path}: holds {len(cached)} rows but {data_name} has {len(current)} (made from "
                                  f"{meta.get('data')}); fix: {hint}")
-    return {**tensors, "refs": json.loads(meta["refs"])}
+    order, size = tensors.pop("rows").tolist(), int(meta["row_pairs"])
+    rows = [order[i:i + size] for i in range(0, len(order), size)]
+    return {**tensors, "refs": json.loads(meta["refs"]), "rows": rows, "row_pairs": size}
 
 
 def _write_safetensors(path, tensors, metadata):
@@ -892,8 +917,11 @@ class _Stop(Exception):
     """Raised by --stop-after-batches (tests only) to simulate a run killed part-way."""
 
 
-def score_reference(k, spec, pairs, fingerprints, args, budget):
+def score_reference(k, spec, pairs, fingerprints, rows, args, budget):
     """Log-probs of all pairs under reference k, resuming from OUT.partial/ref{k}.safetensors when it matches.
+
+    Reference 1 (k = 0) is scored in `rows`, the canonical rows that train.py and eval.py run the policy on; the
+    other references, which need no exactness, in batches of --batch-size pairs of similar length, packed.
 
     Returns (chosen_logps (N,), rejected_logps (N,), chosen_tokens (N,), rejected_tokens (N,), ref dict, stats
     dict); the token counts are the scored response tokens under this reference's tokenizer (for mean per-token
@@ -909,7 +937,14 @@ def score_reference(k, spec, pairs, fingerprints, args, budget):
            "max_prompt_length": args.max_prompt_length, "batch_size": args.batch_size,
            "truncated_rows": sum(encoded[2 * i].truncated or encoded[2 * i + 1].truncated for i in range(N)),
            "straddled_rows": sum(encoded[2 * i].straddled or encoded[2 * i + 1].straddled for i in range(N))}
-    key = {"ref": json.dumps(ref, sort_keys=True), "rows": _sha(json.dumps(fingerprints))}
+    encoded_pairs = list(zip(encoded[0::2], encoded[1::2]))  # (chosen, rejected) of pair i
+    if k == 0:
+        batches = rows
+    else:
+        order = length_order(encoded_pairs)  # longest first: rows of similar pairs; the same batches on every run
+        batches = [order[i:i + args.batch_size] for i in range(0, N, args.batch_size)]
+    key = {"ref": json.dumps(ref, sort_keys=True), "rows": _sha(json.dumps(fingerprints)),
+           "batches": _sha(json.dumps(batches))}
     # One process keeps its progress in ref{k}.safetensors; under torchrun rank r keeps its own in
     # ref{k}.rank{r}.safetensors. A run resumes from all of them, whatever world size wrote them.
     rank, world = rank_and_world()
@@ -929,9 +964,6 @@ def score_reference(k, spec, pairs, fingerprints, args, budget):
     if world > 1:  # every rank has read the same partial files before any rank writes its own
         torch.distributed.barrier()
 
-    encoded_pairs = list(zip(encoded[0::2], encoded[1::2]))  # (chosen, rejected) of pair i
-    order = length_order(encoded_pairs)  # longest first: rows of similar pairs; the same batches on every run
-    batches = [order[i:i + args.batch_size] for i in range(0, N, args.batch_size)]
     todo = [b for b in batches if not all(done[2 * i] and done[2 * i + 1] for i in b)]
     n_todo, todo = len(todo), todo[rank::world]  # under torchrun the batches left are dealt to the ranks in turn
     stats = {"tokens": 0, "computed": 0, "seconds": 0.0, "load_seconds": 0.0}
@@ -946,7 +978,7 @@ def score_reference(k, spec, pairs, fingerprints, args, budget):
         for b in todo:
             if budget[0] is not None and budget[0] <= 0:
                 raise _Stop()
-            with torch.inference_mode():
+            with torch.inference_mode(), autocast(args.device, args.dtype):
                 chosen, rejected = pair_logps(model, [encoded_pairs[i] for i in b])  # (B,), (B,)
             seqs = [2 * i + j for i in b for j in (0, 1)]
             logps[seqs] = torch.stack([chosen, rejected], dim=1).flatten().cpu()  # interleaved like seqs
@@ -994,14 +1026,23 @@ def main():
     group.add_argument("--cache-dir", default=default_cache_dir(),
                        help="where GGUF models are cached as safetensors (default: $MRPO_CACHE or ~/.cache/mrpo)")
     group = parser.add_argument_group("Scoring")
+    group.add_argument("--row-pairs", type=int, default=None,
+                       help="pairs per row of reference 1 (default 1): the data's pairs are grouped, in a seeded "
+                            "random order, into rows of this many, and reference 1 is scored one row per forward. "
+                            "train.py and eval.py run the policy on the same rows (train.py's --batch-size must be a "
+                            "multiple), which makes the policy start exactly at reference 1. More pairs per row is "
+                            "faster on short pairs. With --append the rows of OUT are kept")
     group.add_argument("--batch-size", type=int, default=8,
-                       help="pairs per batch (the unit of progress and resume), packed into one forward pass")
+                       help="references 2, 3, ...: pairs per batch (the unit of progress and resume), packed into "
+                            "one forward pass")
     group.add_argument("--stop-after-batches", type=int, default=None,
                        help="for tests: stop after scoring this many batches (per process under torchrun), as if "
                             "the run were killed")
     args = parser.parse_args()
     if args.load_in_4bit and args.load_in_8bit:
         parser.error("choose one of --load-in-4bit and --load-in-8bit")
+    if args.row_pairs is not None and args.row_pairs < 1 or args.batch_size < 1:
+        parser.error("--row-pairs and --batch-size must be at least 1")
     if not 0 < args.max_prompt_length < args.max_length:
         parser.error("need 0 < --max-prompt-length < --max-length")
     rank, world = init_distributed()  # under torchrun: each rank scores every world-th batch, rank 0 writes OUT
@@ -1015,6 +1056,8 @@ def main():
     except DataError as e:
         sys.exit(f"error: {e}")
     fingerprints = [pair_fingerprint(p) for p in pairs]
+    row_pairs = args.row_pairs or 1
+    rows = canonical_rows(len(pairs), row_pairs)
     budget = [args.stop_after_batches]
     chosen, rejected, chosen_tokens, rejected_tokens, refs, summary = [], [], [], [], [], []
     if args.append:  # grow an existing cache: its K rows are copied, the new references become rows K+1, ...
@@ -1022,10 +1065,10 @@ def main():
             old = load_cache(args.out, pairs, args.data)
         except CacheMismatchError as e:
             sys.exit(f"error: --append: {e}")
-        if old["chosen_tokens"] is None:
-            sys.exit(f"error: --append: {args.out} was written by an older precompute.py without response token "
-                     f"counts; fix: rebuild it (python precompute.py --data {args.data} --refs "
-                     f"{' '.join(r['name'] for r in old['refs'])} --out {args.out}), then append")
+        if args.row_pairs not in (None, old["row_pairs"]):
+            sys.exit(f"error: --append: {args.out} holds rows of {old['row_pairs']} pairs, and its references keep "
+                     f"them; fix: drop --row-pairs {args.row_pairs}")
+        rows, row_pairs = old["rows"], old["row_pairs"]
         chosen, rejected = list(old["chosen_logps"]), list(old["rejected_logps"])
         chosen_tokens, rejected_tokens, refs = list(old["chosen_tokens"]), list(old["rejected_tokens"]), old["refs"]
     quant = "4bit" if args.load_in_4bit else "8bit" if args.load_in_8bit else "none"
@@ -1036,7 +1079,7 @@ def main():
     for spec in args.refs:
         k = len(refs)  # this reference's row (0-based) in OUT
         try:
-            c, r, ct, rt, ref, stats = score_reference(k, spec, pairs, fingerprints, args, budget)
+            c, r, ct, rt, ref, stats = score_reference(k, spec, pairs, fingerprints, rows, args, budget)
         except DataError as e:
             sys.exit(f"error: {e}")
         except _Stop:
@@ -1063,10 +1106,11 @@ def main():
 
     if rank == 0:  # every rank holds the whole result (score_reference gathered it); one writes it
         metadata = {"format": CACHE_FORMAT, "fingerprints": json.dumps(fingerprints), "refs": json.dumps(refs),
-                    "data": args.data}
+                    "data": args.data, "row_pairs": str(row_pairs)}
         _write_safetensors(args.out, {"chosen_logps": torch.stack(chosen), "rejected_logps": torch.stack(rejected),
                                       "chosen_tokens": torch.stack(chosen_tokens),
-                                      "rejected_tokens": torch.stack(rejected_tokens)}, metadata)
+                                      "rejected_tokens": torch.stack(rejected_tokens),
+                                      "rows": torch.tensor([i for row in rows for i in row])}, metadata)
         shutil.rmtree(args.out + ".partial", ignore_errors=True)
         print(f"wrote {args.out}: {len(pairs)} pairs x {len(refs)} refs in {time.time() - t_start:.0f}s | "
               + " | ".join(summary) + (f" | {world} processes" if world > 1 else ""))

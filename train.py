@@ -89,8 +89,8 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import mrpo
-from precompute import (CacheMismatchError, DataError, default_cache_dir, encode_pairs, length_order, load_cache,
-                        load_model, load_tokenizer, model_identity, pair_logps, read_pairs, resolve_device)
+from precompute import (CacheMismatchError, DataError, autocast, default_cache_dir, encode_pairs, load_cache,
+                        load_model, load_tokenizer, model_identity, read_pairs, resolve_device, row_logps)
 from precompute import finish_distributed, gather, init_distributed
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -149,8 +149,11 @@ group.add_argument("--lr", type=float, default=1e-5, help="peak learning rate (p
 group.add_argument("--min-lr", type=float, default=0.0, help="learning rate at the end of the cosine decay")
 group.add_argument("--warmup-steps", type=int, default=10, help="optimizer steps of linear warmup")
 group.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay on the LoRA weights")
-group.add_argument("--batch-size", type=int, default=8, help="pairs per optimizer step")
-group.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (divides the batch)")
+group.add_argument("--batch-size", type=int, default=8,
+                   help="pairs per optimizer step, in whole rows of the cache (precompute.py --row-pairs; default 1 "
+                        "pair per row): a multiple of the rows' size")
+group.add_argument("--grad-accum", type=int, default=1,
+                   help="micro-batches per optimizer step, each of whole rows (divides the rows of a batch)")
 group.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this (0: off)")
 group.add_argument("--epochs", type=float, default=3, help="passes over the data (ignored with --max-steps)")
 group.add_argument("--max-steps", type=int, default=None, help="optimizer steps of the whole run (sets the schedule)")
@@ -159,7 +162,6 @@ group = parser.add_argument_group("Run")
 group.add_argument("--out-dir", default="runs/train", help="where metrics, checkpoints and the adapter go")
 group.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out-dir")
 group.add_argument("--eval-every", type=int, default=20, help="evaluate on the held-out set every N steps (0: never)")
-group.add_argument("--eval-batch-size", type=int, default=16, help="pairs per forward pass in evaluation")
 group.add_argument("--no-eval-at-start", action="store_true",
                    help="skip the evaluation before step 1 (the policy is reference 1 then: same numbers every run)")
 group.add_argument("--log-every", type=int, default=1, help="write a metrics record every N steps")
@@ -182,8 +184,6 @@ device = resolve_device(args.device)  # under torchrun on GPUs: cuda:LOCAL_RANK
 if args.no_clip and args.eps is not None:
     fail(f"--eps {args.eps} sets the CTRO trust region, which --no-clip turns off; fix: drop one of --eps and "
          f"--no-clip")
-if args.batch_size % args.grad_accum:
-    fail(f"--grad-accum {args.grad_accum} must divide --batch-size {args.batch_size}")
 if args.eval_every and not (args.eval_data and args.eval_refs):
     fail("no held-out set: pass --eval-data TEST.jsonl and --eval-refs its cache (python precompute.py "
          "--data TEST.jsonl --out CACHE.safetensors), or --eval-every 0 to train without evaluation")
@@ -228,6 +228,16 @@ except (DataError, CacheMismatchError) as e:
     fail(str(e))
 K_cache, N = cache["chosen_logps"].shape
 ref1 = cache["refs"][0]
+data_rows, row_pairs = cache["rows"], cache["row_pairs"]  # the rows reference 1 was scored in: the unit of a batch
+if args.batch_size % row_pairs:
+    fail(f"--batch-size {args.batch_size} is not a multiple of the {row_pairs} pairs per row of {args.refs}: a batch "
+         f"is whole rows, the rows reference 1 was scored in; fix: --batch-size "
+         f"{row_pairs * max(1, args.batch_size // row_pairs)}, or rebuild the cache with a --row-pairs that divides "
+         f"{args.batch_size}")
+rows_per_step = args.batch_size // row_pairs
+if rows_per_step % args.grad_accum:
+    fail(f"--grad-accum {args.grad_accum} must divide the {rows_per_step} rows of a batch (--batch-size "
+         f"{args.batch_size} in rows of {row_pairs} pairs)")
 try:
     use = [int(k) - 1 for k in args.use_refs.split(",")] if args.use_refs else list(range(K_cache))
 except ValueError:
@@ -252,22 +262,17 @@ for path, other in ((args.eval_refs, eval_cache), (args.val_refs, val_cache)):
         fail(f"{path} was computed with other references or settings ({[r['name'] for r in other['refs']]}) than "
              f"{args.refs} ({[r['name'] for r in cache['refs']]}); fix: rerun precompute.py on its data with the "
              f"same --refs, --dtype and lengths")
-if args.logps == "mean":
-    for path, c in ((args.refs, cache), (args.eval_refs, eval_cache), (args.val_refs, val_cache)):
-        if c is not None and c["chosen_tokens"] is None:
-            fail(f"--logps mean needs each reference's response token counts, which {path} lacks (written by an "
-                 f"older precompute.py); fix: rebuild it with this precompute.py")
 
 
-def ref_logps(c, rows=use):
-    """A cache's (chosen, rejected) log-probs of references `rows` (0-based; default --use-refs), (len(rows), N) each,
+def ref_logps(c, refs=use):
+    """A cache's (chosen, rejected) log-probs of references `refs` (0-based; default --use-refs), (len(refs), N) each,
     per token if --logps mean; (None, None) for no cache."""
     if c is None:
         return None, None
-    chosen, rejected = c["chosen_logps"][rows], c["rejected_logps"][rows]
+    chosen, rejected = c["chosen_logps"][refs], c["rejected_logps"][refs]
     if args.logps == "mean":
-        chosen = chosen / c["chosen_tokens"][rows].clamp(min=1)
-        rejected = rejected / c["rejected_tokens"][rows].clamp(min=1)
+        chosen = chosen / c["chosen_tokens"][refs].clamp(min=1)
+        rejected = rejected / c["rejected_tokens"][refs].clamp(min=1)
     return chosen, rejected
 
 
@@ -320,20 +325,20 @@ def encode_all(pairs, path):
 
 encoded, eval_encoded = encode_all(pairs, args.data), encode_all(eval_pairs, args.eval_data)
 val_encoded = encode_all(val_pairs, args.val_data)
-steps_per_epoch = math.ceil(N / args.batch_size)
+steps_per_epoch = math.ceil(len(data_rows) / rows_per_step)
 total_steps = args.max_steps or math.ceil(args.epochs * steps_per_epoch)
 
 
 def epoch_order(epoch):
-    """The data order of one epoch: a permutation of the N pair indices, seeded by (seed, epoch)."""
+    """The data order of one epoch: a permutation of the row indices, seeded by (seed, epoch)."""
     g = torch.Generator().manual_seed(args.seed * 100_003 + epoch)
-    return torch.randperm(N, generator=g).tolist()
+    return torch.randperm(len(data_rows), generator=g).tolist()
 
 
-def batch_indices(step):
-    """Pair indices of the batch of optimizer step `step` (0-based); the last batch of an epoch may be smaller."""
+def batch_rows(step):
+    """The rows (lists of pair indices) of optimizer step `step` (0-based); an epoch's last batch may be smaller."""
     epoch, i = divmod(step, steps_per_epoch)
-    return epoch_order(epoch)[i * args.batch_size:(i + 1) * args.batch_size]
+    return [data_rows[j] for j in epoch_order(epoch)[i * rows_per_step:(i + 1) * rows_per_step]]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -375,7 +380,6 @@ if world > 1:  # every rank starts from rank 0's LoRA weights (they are seeded a
     for p in params:
         dist.broadcast(p.data, src=0)
 optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
 
 
 def get_lr(step):
@@ -386,13 +390,14 @@ def get_lr(step):
     return args.min_lr + 0.5 * (1 + math.cos(math.pi * min(1.0, progress))) * (args.lr - args.min_lr)
 
 
-def policy_logps(encs):
-    """Log-probs of the chosen and the rejected responses of B pairs, (chosen (B,), rejected (B,), tokens), by
-    precompute.pair_logps: the code that scored the references (shared prompts, packed pairs, no padding).
-    Summed over the response tokens (the step-0 check compares these with the cache), or not: see per_token."""
-    with autocast:
-        chosen, rejected = pair_logps(model, encs)
-    return chosen, rejected, sum(len(c.ids) + len(r.ids) for c, r in encs)  # tokens of the 2B sequences
+def policy_logps(encs, rows):
+    """Log-probs of the chosen and the rejected responses of the B pairs of `rows` (lists of indices into encs), one
+    forward per row, by precompute.row_logps: the code and the rows that scored reference 1 (shared prompts, no
+    padding). Returns (chosen (B,), rejected (B,), tokens of the 2B sequences), summed over the response tokens
+    (the step-0 check compares these with the cache), or not: see per_token."""
+    with autocast(device, args.dtype):
+        chosen, rejected = row_logps(model, encs, rows)
+    return chosen, rejected, sum(len(encs[i][0].ids) + len(encs[i][1].ids) for row in rows for i in row)
 
 
 def per_token(chosen, rejected, encs):
@@ -404,10 +409,11 @@ def per_token(chosen, rejected, encs):
     return chosen / count[:, 0], rejected / count[:, 1]
 
 
-def loss_terms(idx, encs, ref_chosen, ref_rejected, loss=args.loss, weights=None):
-    """Forward pairs idx and apply the loss against references (K', N) with weights alpha (default: the run's):
-    (losses (B,), metric sums dict, tokens, summed policy log-probs (chosen (B,), rejected (B,)))."""
-    sums_c, sums_r, tokens = policy_logps([encs[i] for i in idx])
+def loss_terms(rows, encs, ref_chosen, ref_rejected, loss=args.loss, weights=None):
+    """Forward the pairs of `rows` and apply the loss against references (K', N) with weights alpha (default: the
+    run's): (losses (B,), metric sums dict, tokens, summed policy log-probs (chosen (B,), rejected (B,)))."""
+    idx = [i for row in rows for i in row]  # the pairs, in the order row_logps returns them
+    sums_c, sums_r, tokens = policy_logps(encs, rows)
     pc, pr = per_token(sums_c, sums_r, [encs[i] for i in idx])
     rc, rr = ref_chosen[:, idx].to(device), ref_rejected[:, idx].to(device)  # (K', B)
     losses, chosen_rewards, rejected_rewards = mrpo.compute_loss(
@@ -423,7 +429,7 @@ def loss_terms(idx, encs, ref_chosen, ref_rejected, loss=args.loss, weights=None
 
 
 def step_weights():
-    """(loss, alpha, rows) of the coming step: rows are the reference rows (of ref_chosen_logps) the loss sees.
+    """(loss, alpha, refs) of the coming step: refs are the reference rows (of ref_chosen_logps) the loss sees.
     TSW samples its reference here (one draw per step); SWCW reads the batches already trained on."""
     if args.alpha == "tsw":
         k, _ = weighting.choose()
@@ -434,7 +440,7 @@ def step_weights():
 
 
 def eval_weights():
-    """(loss, alpha, rows) for evaluation: the run's weights as they stand, without drawing from TSW's sampler
+    """(loss, alpha, refs) for evaluation: the run's weights as they stand, without drawing from TSW's sampler
     (it evaluates DPO against the reference with the highest posterior mean)."""
     if args.alpha == "tsw":
         return "dpo", None, [int(weighting.posterior_mean().argmax())]
@@ -446,11 +452,11 @@ def val_accuracy(idx):
     """Preference accuracy of the policy's own log-probs (log pi(y_w) > log pi(y_l), ties half) on validation pairs
     idx, in eval mode; under torchrun each rank scores its share and all get the total. TSW's reward signal."""
     model.eval()
-    mine = [val_encoded[i] for i in idx[rank::world]]
+    mine = idx[rank::world]
     correct = 0.0
-    if mine:
-        pc, pr, _ = policy_logps(mine)
-        correct = float(mrpo.reward_accuracy(*per_token(pc, pr, mine)).sum())
+    if mine:  # no exactness needed here (no reference involved): rows of the training cache's size
+        pc, pr, _ = policy_logps(val_encoded, [mine[i:i + row_pairs] for i in range(0, len(mine), row_pairs)])
+        correct = float(mrpo.reward_accuracy(*per_token(pc, pr, [val_encoded[i] for i in mine])).sum())
     model.train()
     return sum(gather(correct)) / len(idx)
 
@@ -459,12 +465,11 @@ def val_accuracy(idx):
 def evaluate():
     """Mean loss and reward metrics on the held-out set, in eval mode (TRL's eval_ names)."""
     model.eval()
-    order = length_order(eval_encoded)  # a fixed order, longest pair first
-    batches = [order[start:start + args.eval_batch_size] for start in range(0, len(order), args.eval_batch_size)]
-    loss, weights, rows = eval_weights()
+    loss, weights, refs = eval_weights()
     totals = {}
-    for idx in tqdm(batches[rank::world], desc="eval", leave=False, dynamic_ncols=True, disable=rank != 0):
-        _, sums, _, (sums_c, sums_r) = loss_terms(idx, eval_encoded, eval_chosen[rows], eval_rejected[rows], loss,
+    for row in tqdm(eval_cache["rows"][rank::world], desc="eval", leave=False, dynamic_ncols=True, disable=rank != 0):
+        idx = row  # the rows reference 1 was scored in: at step 0 every reward against it is exactly 0
+        _, sums, _, (sums_c, sums_r) = loss_terms([row], eval_encoded, eval_chosen[refs], eval_rejected[refs], loss,
                                                   weights)
         # The implicit reward against reference 1 of the cache (the policy's start), whatever the loss's references:
         # one yardstick for every run of a comparison.
@@ -474,7 +479,7 @@ def evaluate():
         sums["ref1/margins"] = args.beta * ((pc - r1c) - (pr - r1r)).sum()
         for k, v in sums.items():
             totals[k] = totals.get(k, 0.0) + float(v)
-    parts = gather(totals)  # under torchrun each rank scored every world-th batch; rank 0 always has one
+    parts = gather(totals)  # under torchrun each rank scored every world-th row; rank 0 always has one
     totals = {k: sum(part.get(k, 0.0) for part in parts) for k in parts[0]}
     model.train()
     return {f"eval_{k}": v / len(eval_pairs) for k, v in totals.items()}
@@ -487,7 +492,7 @@ config = {**vars(args), "model": spec, "device": str(device), "K": K, "N": N, "r
           "use_refs_names": names, "fixed_alpha": alpha.tolist() if torch.is_tensor(alpha) else alpha,
           "steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "trainable_params": n_trainable,
           "torch": torch.__version__, "world_size": world}
-RUN_FLAGS = {"resume", "stop_after", "eval_every", "eval_batch_size", "log_every", "save_every", "device",
+RUN_FLAGS = {"resume", "stop_after", "eval_every", "log_every", "save_every", "device",
              "no_eval_at_start"}
 metrics_path = os.path.join(args.out_dir, "metrics.jsonl")
 
@@ -603,13 +608,40 @@ def log(record):
         metrics_file.flush()
 
 
+def check_start(scored):
+    """At step 0 the policy IS reference 1: its log-probs of the step's pairs, scored [(pair indices, chosen,
+    rejected)] per micro-batch of this rank, must equal the cached reference-1 ones bit for bit when the cache was
+    made in the same dtype and quantization (the same rows, the same code). Logs the largest |difference| over all
+    ranks as check/ref1_max_abs_diff and warns unless it is 0 (or, with other settings, under 0.5 nats)."""
+    diff, n = 0.0, 0
+    for idx, chosen, rejected in scored:
+        diff = max(diff, float((chosen - ref1_chosen_sums[idx]).abs().max()),
+                   float((rejected - ref1_rejected_sums[idx]).abs().max()))
+        n += 2 * len(idx)
+    parts = gather((diff, n))
+    diff, n = max(d for d, _ in parts), sum(m for _, m in parts)
+    same = (ref1["dtype"], ref1["quantization"]) == (args.dtype, quant or "none")
+    tol = 0.0 if same else 0.5
+    log({"step": 0, "check/ref1_max_abs_diff": diff, "check/sequences": n})
+    message = f"step-0 check: policy vs cached reference-1 log-probs, max |diff| = {diff:.2e} nats over {n} sequences"
+    if diff > tol:
+        cause = (f" The cache was computed in {ref1['dtype']}/{ref1['quantization']}, the policy runs in "
+                 f"{args.dtype}/{quant or 'none'}: precompute with the same --dtype and quantization for an exact "
+                 f"start." if not same else " Same rows, dtype and quantization: the kernels are not deterministic "
+                 f"on this device.")
+        message = (f"\n{'!' * 100}\nWARNING: {message} exceeds {tol}: the policy does not start at reference 1, so "
+                   f"the DPO/MRPO rewards are biased from the first step.{cause}\n{'!' * 100}")
+    if rank == 0:
+        print(message, file=sys.stderr)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Training loop (counted in optimizer steps)
 
 if rank == 0:
     print(f"train.py: {args.loss} on {N} pairs, K={K} references ({', '.join(names)}), "
           f"policy {spec} + LoRA r={args.lora_r} ({n_trainable / 1e6:.2f}M trainable), {total_steps} steps of "
-          f"{args.batch_size} pairs, {args.dtype}{' 4-bit' if args.load_in_4bit else ''} on {device}"
+          f"{args.batch_size} pairs ({rows_per_step} rows of {row_pairs}), {args.dtype}{' 4-bit' if args.load_in_4bit else ''} on {device}"
           + (f", {world} processes" if world > 1 else ""), file=sys.stderr)
 model.train()
 if step == 0 and args.eval_every and not args.no_eval_at_start:
@@ -622,42 +654,30 @@ while step < total_steps:
     for group in optimizer.param_groups:
         group["lr"] = lr
     t0 = time.time()
-    idx = batch_indices(step)  # the whole batch of the step, the same on every rank
-    mine = idx[rank::world]  # this rank's share (under torchrun, pairs rank, rank + world, ...; else all of idx)
-    micro = max(1, math.ceil(len(mine) / args.grad_accum))  # pairs per micro-batch (an epoch's last batch is short)
-    loss_name, weights, rows = step_weights()  # the same on every rank (TSW's sampler is seeded alike)
+    batch = batch_rows(step)  # the whole batch of the step, the same on every rank
+    idx = [i for row in batch for i in row]  # its pairs
+    mine = batch[rank::world]  # this rank's rows (under torchrun rows rank, rank + world, ...; else all of them)
+    micro = max(1, math.ceil(len(mine) / args.grad_accum))  # rows per micro-batch (an epoch's last batch is short)
+    loss_name, weights, refs = step_weights()  # the same on every rank (TSW's sampler is seeded alike)
     if args.alpha == "tsw":  # a fresh random validation subset per step, seeded by (seed, step): resumes exactly
         g = torch.Generator().manual_seed(args.seed * 100_003 + step)
         subset = torch.randperm(len(val_pairs), generator=g)[:args.tsw_subset].tolist()
         accuracy_before = val_accuracy(subset)
-    totals, tokens = {}, 0
+    totals, tokens, scored = {}, 0, []
     for m in range(0, len(mine), micro):
-        losses, sums, n_tokens, (pc, pr) = loss_terms(mine[m:m + micro], encoded, ref_chosen_logps[rows],
-                                                      ref_rejected_logps[rows], loss_name, weights)
+        losses, sums, n_tokens, (pc, pr) = loss_terms(mine[m:m + micro], encoded, ref_chosen_logps[refs],
+                                                      ref_rejected_logps[refs], loss_name, weights)
         loss = losses.sum() / len(idx)  # mean over the whole batch, whatever the micro-batch and rank split
         if not torch.isfinite(loss):
             where = f"the latest checkpoint {last_saved}" if last_saved else "no checkpoint was written yet"
-            print(f"train.py: error: the loss is {float(loss)} at step {step + 1} (rows {mine[m:m + micro]} of "
+            print(f"train.py: error: the loss is {float(loss)} at step {step + 1} (pairs "
+                  f"{[i + 1 for row in mine[m:m + micro] for i in row]} of "
                   f"{args.data}); stopping without saving: {where} is intact. Fix: lower --lr, keep "
                   f"--grad-clip on, or check those rows and the cache; resume with --resume", file=sys.stderr)
             sys.exit(1)
         loss.backward()
-        if step == 0 and m == 0:  # at step 0 the policy IS reference 1: its log-probs must match the cache
-            diff = max(float((pc.float().cpu() - ref1_chosen_sums[mine[:micro]]).abs().max()),
-                       float((pr.float().cpu() - ref1_rejected_sums[mine[:micro]]).abs().max()))
-            same = (ref1["dtype"], ref1["quantization"]) == (args.dtype, quant or "none")
-            tol = 1e-3 if same else 0.5  # same dtype and quantization: exact (see precompute.py's docstring)
-            log({"step": 0, "check/ref1_max_abs_diff": diff, "check/sequences": 2 * len(mine[:micro])})  # rank 0's
-            message = (f"step-0 check: policy vs cached reference-1 log-probs, max |diff| = {diff:.2e} nats over "
-                       f"{2 * len(mine[:micro])} sequences")
-            if diff > tol:
-                cause = ("" if same else f" The cache was computed in {ref1['dtype']}/{ref1['quantization']}, "
-                         f"the policy runs in {args.dtype}/{quant or 'none'}: precompute with the same --dtype and "
-                         f"quantization for an exact start.")
-                message = (f"\n{'!' * 100}\nWARNING: {message} exceeds {tol}: the policy does not start at "
-                           f"reference 1, so the DPO/MRPO rewards are biased from the first step.{cause}\n{'!' * 100}")
-            if rank == 0 or diff > tol:  # every rank checks its own share
-                print(message, file=sys.stderr)
+        if step == 0:
+            scored.append(([i for row in mine[m:m + micro] for i in row], pc.float().cpu(), pr.float().cpu()))
         for k, v in sums.items():
             totals[k] = totals.get(k, 0.0) + float(v)
         tokens += n_tokens
@@ -672,6 +692,8 @@ while step < total_steps:
         dist.all_reduce(flat, op=dist.ReduceOp.SUM)
         for p, g in zip(params, flat.split([p.numel() for p in params])):
             p.grad = g.view_as(p)
+    if step == 0:
+        check_start(scored)
     parts = gather((totals, tokens))  # metric sums over ranks (rank 0 always has pairs; [(totals, tokens)] alone)
     totals, tokens = {k: sum(t.get(k, 0.0) for t, _ in parts) for k in parts[0][0]}, sum(n for _, n in parts)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else float("inf"))
@@ -687,8 +709,8 @@ while step < total_steps:
         chosen_weights = {"alpha": weights.tolist()}
     elif args.alpha == "tsw":
         accuracy_after = val_accuracy(subset)
-        weighting.update(rows[0], accuracy_after > accuracy_before)  # reward: the accuracy strictly rose
-        chosen_weights = {"tsw/reference": use[rows[0]] + 1, "tsw/reward": int(accuracy_after > accuracy_before),
+        weighting.update(refs[0], accuracy_after > accuracy_before)  # reward: the accuracy strictly rose
+        chosen_weights = {"tsw/reference": use[refs[0]] + 1, "tsw/reward": int(accuracy_after > accuracy_before),
                           "tsw/val_accuracy_before": accuracy_before, "tsw/val_accuracy_after": accuracy_after,
                           "tsw/posterior_mean": weighting.posterior_mean().tolist()}
     step += 1

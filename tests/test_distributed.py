@@ -186,7 +186,7 @@ def test_killed_two_process_precompute_resumes(tiny_refs, one_cache, tmp_path):
 
 def test_two_processes_evaluate_like_one(tiny_refs, two, tmp_path):
     data, cache, _ = tiny_refs
-    args = ["--data", data, "--refs", cache, "--adapters", "base", two, "--batch-size", "3"]  # batches of 3, 3, 2
+    args = ["--data", data, "--refs", cache, "--adapters", "base", two]  # rows of 1 pair
     run("eval.py", *args, "--out", tmp_path / "one.json", procs=1)
     run("eval.py", *args, "--out", tmp_path / "two.json")
     a, b = json.load(open(tmp_path / "one.json")), json.load(open(tmp_path / "two.json"))

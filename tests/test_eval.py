@@ -70,7 +70,7 @@ def accuracy(chosen, rejected, beta=1.0):
 def test_eval_matches_an_independent_computation(setup, tmp_path):
     data, cache, adapter, logps = setup
     out = tmp_path / "eval.json"
-    result = evaluate(data, cache, out, "--adapters", "base", adapter, "--beta", str(BETA), "--batch-size", "4")
+    result = evaluate(data, cache, out, "--adapters", "base", adapter, "--beta", str(BETA))
     report = json.load(open(out))
     from safetensors.torch import load_file
     refs = load_file(cache)
@@ -144,9 +144,9 @@ def test_alpha_is_validated_like_train(tiny_refs, tmp_path):
 
 
 def test_base_model_scores_chance_against_reference_1(tiny_refs, tmp_path):
-    """The tiny reference 1 as the policy: every reward against itself is 0 up to float noise, a tie, which counts
-    half (mrpo.reward_accuracy, the metric train.py logs too)."""
+    """The tiny reference 1 as the policy, scored in the cache's rows: every reward against itself is exactly 0, a
+    tie, which counts half (mrpo.reward_accuracy, the metric train.py logs too)."""
     data, cache, _ = tiny_refs
-    evaluate(data, cache, tmp_path / "eval.json", "--batch-size", "3")
+    evaluate(data, cache, tmp_path / "eval.json")
     base = json.load(open(tmp_path / "eval.json"))["policies"]["base"]
-    assert base["ref1/accuracy"] == 0.5
+    assert base["ref1/accuracy"] == 0.5 and base["ref1/margin"] == 0.0

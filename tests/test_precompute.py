@@ -137,8 +137,11 @@ def make_cache(path, pairs, K=2, data="data/x.jsonl"):
     chosen, rejected = -torch.rand(K, len(pairs)), -torch.rand(K, len(pairs)) - 1
     refs = [{"name": f"ref{k}"} for k in range(K)]
     meta = {"format": precompute.CACHE_FORMAT, "fingerprints": json.dumps([pair_fingerprint(p) for p in pairs]),
-            "refs": json.dumps(refs), "data": data}
-    precompute._write_safetensors(str(path), {"chosen_logps": chosen, "rejected_logps": rejected}, meta)
+            "refs": json.dumps(refs), "data": data, "row_pairs": "1"}
+    tokens = torch.ones(K, len(pairs))
+    precompute._write_safetensors(str(path), {"chosen_logps": chosen, "rejected_logps": rejected, "rows":
+                                              torch.arange(len(pairs)), "chosen_tokens": tokens,
+                                              "rejected_tokens": tokens}, meta)
     return chosen, rejected
 
 

@@ -45,16 +45,18 @@ def normalised(scores):
     return [s / sum(scores) for s in scores]
 
 
-def first_batches(seed=0, n=8, batch=4):
-    """The pair indices of epoch 0's batches: train.py's documented order, a permutation seeded by seed * 100003."""
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003)).tolist()
-    return [order[i:i + batch] for i in range(0, n, batch)]
+def first_batches(cache, seed=0, batch=4):
+    """The pair indices of epoch 0's batches: train.py's documented order, the cache's rows (of 1 pair here) in a
+    permutation seeded by seed * 100003."""
+    rows = load_file(cache)["rows"].tolist()  # rows of one pair: the pairs in the cache's row order
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed * 100_003)).tolist()
+    return [[rows[j] for j in order[i:i + batch]] for i in range(0, len(rows), batch)]
 
 
 def test_swcw_weights_each_step_from_the_batches_before_it(tiny_refs, tmp_path):
     train(tiny_refs, tmp_path, "--loss", "mrpo", "--alpha", "swcw", "--window", "2", "--max-steps", "3")
     rows, m = steps(tmp_path), margins(tiny_refs[1])
-    first, second = first_batches()
+    first, second = first_batches(tiny_refs[1])
     assert rows[0]["alpha"] == [0.5, 0.5]  # step 1: no batch trained on yet, not its own batch
     want = normalised([sum(abs(mk[i]) for i in first) for mk in m])  # step 2: batch 1 only
     assert rows[1]["alpha"] == pytest.approx(want, rel=1e-5)
