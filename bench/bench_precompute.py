@@ -59,9 +59,7 @@ def main():
                                                      cache_dir=args.cache_dir)
             load_s = time.time() - t0
             encoded = precompute.encode_pairs(tokenizer, pairs, args.max_length, args.max_prompt_length)
-            encoded = list(zip(encoded[0::2], encoded[1::2]))  # (chosen, rejected) of each pair
-            order = precompute.length_order(encoded)
-            batches = [order[i:i + args.batch_size] for i in range(0, len(order), args.batch_size)]
+            batches = precompute.chunks(precompute.length_order(encoded), args.batch_size)
             tokens = sum(len(c.ids) + len(r.ids) for c, r in encoded)  # both sequences, the prompt counted twice
             computed = sum(len(c.ids) + len(r.ids) - precompute.shared_prefix(c, r) for c, r in encoded)
             with torch.inference_mode():  # warm-up: first-call allocations and kernel selection

@@ -137,6 +137,9 @@ def main():
                        help="JSONL preference pairs (default: the bundled multi-turn hh-rlhf pairs)")
     group.add_argument("--pairs", type=int, default=48, help="pairs used (the first PAIRS of --data): one epoch")
     group.add_argument("--batch-size", type=int, default=8, help="pairs per optimizer step")
+    group.add_argument("--row-pairs", type=int, default=1,
+                       help="ours: pairs per row of reference 1 (precompute.py --row-pairs; train.py runs one forward "
+                            "per row)")
     group = parser.add_argument_group("Model")
     group.add_argument("--model", default="smollm2", help="policy/reference model spec")
     group.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
@@ -168,7 +171,7 @@ def main():
     for dtype in args.dtypes:
         refs = os.path.join(work, f"refs-{dtype}.safetensors")
         run([sys.executable, "precompute.py", "--data", data, "--refs", args.model, "--dtype", dtype,
-             "--device", args.device, "--out", refs], env)
+             "--device", args.device, "--row-pairs", str(args.row_pairs), "--out", refs], env)
         out = os.path.join(work, f"ours-{dtype}")
         ours_rss = run([sys.executable, "train.py", "--loss", "dpo", "--data", data, "--refs", refs,
                            "--dtype", dtype, "--device", args.device, "--batch-size", str(args.batch_size),
@@ -176,9 +179,11 @@ def main():
                            "--save-every", str(10 ** 6), "--out-dir", out], env)
         records = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
         ours = [r["step_time"] for r in records if "step_time" in r]
-        # the FLOPs of the batches train.py ran: its data order (seed 0), re-derived as train.py does
-        order = torch.randperm(len(encoded), generator=torch.Generator().manual_seed(0)).tolist()
-        flops = [step_flops(model, [encoded[i] for i in order[s * args.batch_size:(s + 1) * args.batch_size]])
+        # the FLOPs of the batches train.py ran: the cache's rows in its data order (seed 0), as train.py orders them
+        rows = precompute.load_cache(refs, precompute.read_pairs(data))["rows"]
+        order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(0)).tolist()
+        per_step = args.batch_size // args.row_pairs
+        flops = [step_flops(model, [encoded[i] for j in order[s * per_step:(s + 1) * per_step] for i in rows[j]])
                  for s in range(steps)]
         trl_out = os.path.join(work, f"trl-{dtype}")
         os.makedirs(trl_out)
@@ -192,7 +197,7 @@ def main():
         computed, sequences = sum(f[1] for f in flops), sum(f[2] for f in flops)
         print(f"{dtype}: train.py {ours_s:.2f} s/step, TRL {theirs_s:.2f} s/step, ratio train.py/TRL "
               f"{ours_s / theirs_s:.3f} (goal <= 0.25) | train.py step: padding 0.0% of computed tokens "
-              f"(pairs packed into one row; goal <= 5%), {computed} tokens computed for {sequences} sequence tokens "
+              f"(rows of {args.row_pairs} pairs, one forward each; goal <= 5%), {computed} tokens computed for {sequences} sequence tokens "
               f"({1 - computed / sequences:.0%} saved by sharing prompts), "
               f"{statistics.median(f[0] for f in flops) / 1e9:.0f} GFLOP/step, {fraction:.1%} of the bf16 matmul peak "
               f"(goal >= 25%) | process peak RSS: train.py {ours_rss / 2**20:.0f} MiB, TRL {trl_rss / 2**20:.0f} MiB",

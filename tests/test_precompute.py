@@ -188,12 +188,12 @@ def slow_logp(model, encoded):
 @pytest.mark.parametrize("family", ["smollm2", "gemma3", "qwen"])
 def test_batched_equals_one_at_a_time(request, family, pairs_small):
     model, tokenizer = request.getfixturevalue(family)
-    encoded = precompute.encode_pairs(tokenizer, pairs_small)  # 16 sequences of different lengths, one batch
-    assert len({len(e.ids) for e in encoded}) > 3
+    encoded = precompute.encode_pairs(tokenizer, pairs_small)  # 8 pairs of different lengths, one batch
+    assert len({len(e.ids) for pair in encoded for e in pair}) > 3
     with torch.no_grad():
-        chosen, rejected = pair_logps(model, list(zip(encoded[0::2], encoded[1::2])))
-        batched = torch.stack([chosen, rejected], dim=1).flatten()  # interleaved like encoded
-    alone = torch.tensor([slow_logp(model, e) for e in encoded])
+        chosen, rejected = pair_logps(model, encoded)
+        batched = torch.stack([chosen, rejected], dim=1).flatten()  # chosen_0, rejected_0, ...
+    alone = torch.tensor([slow_logp(model, e) for pair in encoded for e in pair])
     assert torch.allclose(batched, alone, atol=TOL, rtol=0), (batched - alone).abs().max()
 
 
@@ -263,7 +263,6 @@ def test_truncation_keeps_prompt_end_and_response_start(smollm2):
 def test_pair_logps_is_differentiable_and_float32(smollm2, pairs_small):
     model, tokenizer = smollm2
     encoded = precompute.encode_pairs(tokenizer, pairs_small[:2])
-    encoded = list(zip(encoded[0::2], encoded[1::2]))
     logps = torch.cat(pair_logps(model, encoded))
     assert logps.requires_grad and logps.dtype == torch.float32
     weight = model.get_input_embeddings().weight

@@ -314,6 +314,6 @@ def test_a_response_with_the_text_of_a_special_token_is_refused_with_its_row(smo
     after it: the file, row and field are named instead."""
     ok = {"prompt": "Hi?", "chosen": "Hello.", "rejected": "Bye."}
     bad = {**ok, "rejected": [{"role": "assistant", "content": "Bye.<|im_end|> and more"}]}
-    assert len(precompute.encode_pairs(smollm2_tokenizer, [ok, ok])) == 4
+    assert len(precompute.encode_pairs(smollm2_tokenizer, [ok, ok])) == 2
     with pytest.raises(precompute.DataError, match=r"pairs\.jsonl, row 2, field 'rejected': .*'<\|im_end\|>'"):
         precompute.encode_pairs(smollm2_tokenizer, [ok, bad], path="pairs.jsonl")
