@@ -10,50 +10,38 @@ One GPU, a 7B policy in 4 bit (the adapters of train.py's QLoRA runs; the base m
     python eval.py --data test.jsonl --refs runs/refs_test.safetensors --device cuda --dtype bf16 --load-in-4bit \
         --adapters base runs/dpo-7b runs/mrpo-7b --out runs/eval-7b.json --generate 20
 
-Several GPUs: the same command under torchrun (`torchrun --standalone --nproc_per_node 8 eval.py ...`, without
---device); each process scores every 8th batch of pairs, rank 0 gathers the log-probs and writes the same JSON.
+Several GPUs: the same command under `torchrun --standalone --nproc_per_node 8 eval.py ...` (no --device); each
+process scores every 8th row of the cache, rank 0 gathers the log-probs and writes the same JSON. Nothing to
+resume: evaluation is one pass, and the JSON is written atomically at the end.
 
-(Nothing to resume: evaluation is one pass; the JSON is written atomically at the end.)
-
-What is measured, for every policy pi (the base model, or base + adapter) and every held-out pair (x, y_w, y_l)
-------------------------------------------------------------------------------------------------------------------
-- Against reference 1 (the model the policy started from, DPO's reference): the implicit reward
+For every policy pi (the base model, or base + adapter) and every held-out pair (x, y_w, y_l) it measures:
+- against reference 1 (the model the policy started from, DPO's reference): the implicit reward
   r(x, y) = beta (log pi(y|x) - log pi_ref1(y|x)); accuracy = share of pairs with r(x, y_w) > r(x, y_l), and the mean
-  margin r(x, y_w) - r(x, y_l).
-- Against the virtual reference of MRPO (Prop. 1, with CTRO and the --alpha weights; mrpo.mrpo_loss's rewards):
-  the same two numbers with log pi_tilde in place of log pi_ref1. With K = 1 both columns agree.
-- Own accuracy: share of pairs where pi itself gives y_w a higher log-prob than y_l (no reference involved).
-- For each reference model, its own accuracy from the cache: does it give the chosen response more probability?
-A tie counts as half a correct answer: equal rewards, up to 1e-4 nats of log-prob (the float noise between batched
-fp32 forward passes); mrpo.reward_accuracy defines it, for train.py's rewards/accuracies too. So the base model
-against reference 1, where every reward is 0, scores 0.5 (chance), not 0.
-(Evaluating in bf16 against an fp32 cache adds bf16 noise instead; precompute in the dtype you evaluate in.)
+  margin r(x, y_w) - r(x, y_l). Pairs are scored in the cache's rows, the rows reference 1 was scored in, so the
+  base model's rewards are exactly 0 and its accuracy 0.5 (a tie counts half: mrpo.reward_accuracy);
+- against the virtual reference of MRPO (Prop. 1, with CTRO and the --alpha weights): the same two numbers;
+- own accuracy: the share of pairs where pi itself gives y_w a higher log-prob than y_l (no reference involved);
+- every reference's own accuracy, from the cache.
+The paper's "preference accuracy" (the authors' trainer logs eval rewards/accuracies from its loss's rewards) is
+the "virtual" column for MRPO runs and the "ref1" column for DPO runs; this script prints both for every policy.
 
-Which one the paper reports: the paper's "preference accuracy" tables come from the authors' trainer
-(github.com/thaihungle/MRPO, trainer_mref.py), which logs eval rewards/accuracies from the rewards its loss returns:
-for MRPO these are measured against the virtual (clipped, mixed) reference, for the DPO baseline against its single
-reference. So the paper's number is the "virtual" column for MRPO runs and the "ref1" column for DPO runs; this
-script prints both for every policy, so that DPO and MRPO can also be compared on the same yardstick.
-
-The reward settings (--beta, --alpha, --eps-max, --eps, --no-clip) are the same for all policies; they default to
-the training defaults. Use --generate N to write the greedy responses of every policy to the first N prompts
-beside the base model's.
+Writes --out (JSON: every number, the settings) and, with --generate N, the greedy responses of every policy to the
+first N prompts beside the base model's in OUT's stem + .generations.jsonl.
 """
 
 import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 
 import torch
 from tqdm import tqdm
 
 import mrpo
-from precompute import (CacheMismatchError, DataError, autocast, default_cache_dir, encode_pairs, generation_prompt,
-                        load_cache, load_model, model_identity, read_pairs, resolve_device, row_logps)
-from precompute import finish_distributed, gather, init_distributed
+from precompute import (CacheMismatchError, DataError, atomic_write, autocast, check_same_format,
+                        default_cache_dir, encode_pairs, fail, finish_distributed, gather, generation_prompt,
+                        init_distributed, load_cache, load_model, read_pairs, resolve_device, row_logps)
 
 # ----------------------------------------------------------------------------------------------------------------
 # Config
@@ -82,32 +70,16 @@ group.add_argument("--generate", type=int, default=0, help="write greedy respons
 group.add_argument("--max-new-tokens", type=int, default=64, help="most tokens generated per response")
 args = parser.parse_args()
 
-
-def fail(message):
-    print(f"eval.py: error: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
-def write_atomic(path, text):
-    """Write text to a temp file in the same directory, then os.replace it into place."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 t_start = time.time()
-rank, world = init_distributed()  # under torchrun: each rank scores every world-th batch, rank 0 writes; else (0, 1)
+rank, world = init_distributed()  # under torchrun: each rank scores every world-th row, rank 0 writes; else (0, 1)
 device = resolve_device(args.device)  # under torchrun on GPUs: cuda:LOCAL_RANK
 try:
     pairs = read_pairs(args.data)
     cache = load_cache(args.refs, pairs, args.data)
 except (DataError, CacheMismatchError) as e:
-    fail(str(e))
+    fail(e)
 ref_chosen_logps, ref_rejected_logps = cache["chosen_logps"], cache["rejected_logps"]  # (K, N)
-K, N = ref_chosen_logps.shape
-ref1 = cache["refs"][0]
+(K, N), ref1 = ref_chosen_logps.shape, cache["refs"][0]
 try:
     alpha = mrpo.parse_alpha(args.alpha, K)  # the same parser as train.py's
 except ValueError as e:
@@ -121,23 +93,19 @@ for path in args.adapters:
 # Model: the base model once, every adapter loaded into it by name
 
 spec = args.model or ref1["name"]
-quant = "4bit" if args.load_in_4bit else None
 model, tokenizer = load_model(spec, dtype=args.dtype, load_in_4bit=args.load_in_4bit, device=str(device),
                               cache_dir=args.cache_dir)
-identity = model_identity(spec, tokenizer, args.dtype, quant)
-for field in ("tokenizer", "chat_template_sha256", "format", "bos_token_id", "eos_token_id"):
-    if identity[field] != ref1[field]:
-        fail(f"the base model {spec} formats text differently from reference 1 ({ref1['name']}) of {args.refs}: "
-             f"{field} {identity[field]!r} vs {ref1[field]!r}; fix: drop --model or precompute with its tokenizer")
+try:
+    check_same_format(spec, tokenizer, ref1, args.refs)
+    encoded = encode_pairs(tokenizer, pairs, ref1["max_length"], ref1["max_prompt_length"], args.data)
+except (DataError, CacheMismatchError) as e:
+    fail(e)
 names = {}  # adapter directory -> peft adapter name
-for path in args.adapters:
-    if path == "base":
-        continue
+for path in [p for p in args.adapters if p != "base"]:
     train_config = os.path.join(path, "config.json")
-    if os.path.isfile(train_config):
-        trained_on = json.load(open(train_config)).get("model")
-        if trained_on not in (None, spec):
-            fail(f"{path} was trained on base model {trained_on}, not {spec}; fix: pass --model {trained_on}")
+    trained_on = json.load(open(train_config)).get("model") if os.path.isfile(train_config) else None
+    if trained_on not in (None, spec):
+        fail(f"{path} was trained on base model {trained_on}, not {spec}; fix: pass --model {trained_on}")
     from peft import PeftModel
     names[path] = f"policy{len(names)}"
     if len(names) == 1:
@@ -155,36 +123,24 @@ def policy_context(path):
     return torch.no_grad()
 
 
-try:
-    sequences = encode_pairs(tokenizer, pairs, ref1["max_length"], ref1["max_prompt_length"], args.data)
-except DataError as e:
-    fail(str(e))
-encoded = list(zip(sequences[0::2], sequences[1::2]))  # (chosen, rejected) of each pair
-
-
 @torch.no_grad()
 def policy_logps(path):
-    """log pi(y_w|x), log pi(y_l|x) of every pair under policy `path`: (N,), (N,) float32, in data order. Scored one
-    forward per row of the cache, the rows reference 1 was scored in: the base model reproduces the cached
-    reference-1 log-probs bit for bit (same dtype and quantization), so its rewards against reference 1 are 0."""
-    chosen, rejected = torch.zeros(N), torch.zeros(N)
-    mine = []  # pair indices this rank scored (all of them in one process)
+    """log pi(y_w|x), log pi(y_l|x) of every pair under policy `path`: (N,), (N,) float32, in data order, scored one
+    forward per row of the cache: the base model gives the cached reference-1 log-probs bit for bit."""
+    chosen, rejected, mine = torch.zeros(N), torch.zeros(N), []  # mine: the pairs this rank scored
     with policy_context(path):
         for row in tqdm(cache["rows"][rank::world], desc=path, leave=False, dynamic_ncols=True, disable=rank != 0):
             with autocast(device, args.dtype):
                 c, r = row_logps(model, encoded, [row])  # (B,), (B,)
-            chosen[row], rejected[row] = c.cpu(), r.cpu()
-            mine += row
+            chosen[row], rejected[row], mine = c.cpu(), r.cpu(), mine + row
     for idx, c, r in gather((mine, chosen[mine], rejected[mine])):  # every rank's share, on every rank
         chosen[idx], rejected[idx] = c, r
     return chosen, rejected
 
 
 def accuracy(chosen, rejected, beta=1.0):
-    """Share of pairs ranked right, ties counting half: the mean of mrpo.reward_accuracy, train.py's metric too.
-
-    chosen, rejected: (N,) log-probs (beta = 1) or implicit rewards (beta = their beta).
-    """
+    """Share of pairs ranked right, ties half: the mean of mrpo.reward_accuracy (train.py's metric too) of (N,)
+    log-probs (beta = 1) or implicit rewards (with their beta)."""
     return float(mrpo.reward_accuracy(chosen, rejected, beta).mean())
 
 
@@ -203,9 +159,7 @@ for path in tqdm(args.adapters, desc="policies", dynamic_ncols=True, disable=ran
         "ref1/margin": float((ref1_chosen - ref1_rejected).mean()),
         "virtual/accuracy": accuracy(virtual_chosen, virtual_rejected, args.beta),
         "virtual/margin": float((virtual_chosen - virtual_rejected).mean()),
-        "own/accuracy": accuracy(pc, pr),
-        "logps/chosen": float(pc.mean()), "logps/rejected": float(pr.mean()),
-    }
+        "own/accuracy": accuracy(pc, pr), "logps/chosen": float(pc.mean()), "logps/rejected": float(pr.mean())}
 references = [{"name": r["name"], "accuracy": accuracy(ref_chosen_logps[k], ref_rejected_logps[k]),
                "logps/chosen": float(ref_chosen_logps[k].mean()),
                "logps/rejected": float(ref_rejected_logps[k].mean())} for k, r in enumerate(cache["refs"])]
@@ -230,13 +184,15 @@ if args.generate:
             row[path] = tokenizer.decode(out[0, len(prompt_ids):], skip_special_tokens=True)
         rows.append(row)
     generations_path = os.path.splitext(args.out)[0] + ".generations.jsonl"
-    write_atomic(generations_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    with atomic_write(generations_path, "w") as f:
+        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
 
 report = {"data": args.data, "refs": args.refs, "pairs": N, "model": spec, "dtype": args.dtype,
           "load_in_4bit": args.load_in_4bit, "beta": args.beta, "alpha": args.alpha, "eps_max": args.eps_max,
           "eps": args.eps, "clip": not args.no_clip, "policies": results, "references": references,
           "generations": generations_path}
-write_atomic(args.out, json.dumps(report, indent=2) + "\n")
+with atomic_write(args.out, "w") as f:
+    f.write(json.dumps(report, indent=2) + "\n")
 
 # ----------------------------------------------------------------------------------------------------------------
 # The table
