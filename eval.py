@@ -39,7 +39,7 @@ import torch
 from tqdm import tqdm
 
 import mrpo
-from precompute import (CacheMismatchError, DataError, atomic_write, autocast, check_same_format,
+from precompute import (InputError, atomic_write, autocast, check_flags, check_paths, check_same_format,
                         default_cache_dir, encode_pairs, fail, finish_distributed, gather, generation_prompt,
                         init_distributed, load_cache, load_model, read_pairs, resolve_device, row_logps)
 
@@ -69,6 +69,9 @@ group.add_argument("--out", default="runs/eval.json", help="JSON file of all num
 group.add_argument("--generate", type=int, default=0, help="write greedy responses to the first N prompts")
 group.add_argument("--max-new-tokens", type=int, default=64, help="most tokens generated per response")
 args = parser.parse_args()
+check_flags(args, beta=">0", eps_max="[0,1]", eps="[0,1]", generate=">=0", max_new_tokens="int>=1")
+generations_path = os.path.splitext(args.out)[0] + ".generations.jsonl" if args.generate else None
+check_paths([args.data, args.refs, args.model, *args.adapters], [args.out, generations_path])
 
 t_start = time.time()
 rank, world = init_distributed()  # under torchrun: each rank scores every world-th row, rank 0 writes; else (0, 1)
@@ -76,7 +79,7 @@ device = resolve_device(args.device)  # under torchrun on GPUs: cuda:LOCAL_RANK
 try:
     pairs = read_pairs(args.data)
     cache = load_cache(args.refs, pairs, args.data)
-except (DataError, CacheMismatchError) as e:
+except InputError as e:
     fail(e)
 ref_chosen_logps, ref_rejected_logps = cache["chosen_logps"], cache["rejected_logps"]  # (K, N)
 (K, N), ref1 = ref_chosen_logps.shape, cache["refs"][0]
@@ -93,12 +96,12 @@ for path in args.adapters:
 # Model: the base model once, every adapter loaded into it by name
 
 spec = args.model or ref1["name"]
-model, tokenizer = load_model(spec, dtype=args.dtype, load_in_4bit=args.load_in_4bit, device=str(device),
-                              cache_dir=args.cache_dir)
 try:
+    model, tokenizer = load_model(spec, dtype=args.dtype, load_in_4bit=args.load_in_4bit, device=str(device),
+                                  cache_dir=args.cache_dir)
     check_same_format(spec, tokenizer, ref1, args.refs)
     encoded = encode_pairs(tokenizer, pairs, ref1["max_length"], ref1["max_prompt_length"], args.data)
-except (DataError, CacheMismatchError) as e:
+except InputError as e:
     fail(e)
 names = {}  # adapter directory -> peft adapter name
 for path in [p for p in args.adapters if p != "base"]:
@@ -108,10 +111,18 @@ for path in [p for p in args.adapters if p != "base"]:
         fail(f"{path} was trained on base model {trained_on}, not {spec}; fix: pass --model {trained_on}")
     from peft import PeftModel
     names[path] = f"policy{len(names)}"
-    if len(names) == 1:
-        model = PeftModel.from_pretrained(model, path, adapter_name=names[path])
-    else:
-        model.load_adapter(path, adapter_name=names[path])
+    try:
+        if len(names) == 1:
+            model = PeftModel.from_pretrained(model, path, adapter_name=names[path])
+        else:
+            model.load_adapter(path, adapter_name=names[path])
+    except Exception as e:  # peft and safetensors raise many kinds for a broken folder
+        fail(f"--adapters {path}: not a loadable LoRA adapter ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+             f"fix: give the --out-dir of a finished train.py run")
+    weights = [w for n, w in model.named_parameters() if f".{names[path]}." in n]
+    if not all(bool(torch.isfinite(w).all()) for w in weights):
+        fail(f"--adapters {path}: its LoRA weights are not all finite, so every number of it would be made up; fix: "
+             f"retrain it (train.py stops before saving non-finite weights)")
 model.eval()
 
 
@@ -168,7 +179,6 @@ if world > 1:  # under torchrun the other ranks are done (they scored their shar
     if rank != 0:
         sys.exit(0)
 
-generations_path = None
 if args.generate:
     rows = []
     for i in tqdm(range(min(args.generate, N)), desc="generate", dynamic_ncols=True):
@@ -183,7 +193,6 @@ if args.generate:
                                      pad_token_id=tokenizer.eos_token_id)
             row[path] = tokenizer.decode(out[0, len(prompt_ids):], skip_special_tokens=True)
         rows.append(row)
-    generations_path = os.path.splitext(args.out)[0] + ".generations.jsonl"
     with atomic_write(generations_path, "w") as f:
         f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
 

@@ -1,71 +1,36 @@
 r"""Multi-Reference Preference Optimization (MRPO): the losses, as pure functions of log-prob tensors.
 
 Paper: Le et al., "Multi-Reference Preference Optimization for Large Language Models", AAAI 2025,
-https://arxiv.org/abs/2405.16388 . Equation numbers below are the paper's. This file imports only torch and the
-standard library, so it can be copied into any trainer.
+https://arxiv.org/abs/2405.16388; equation numbers are the paper's. This file imports only torch: copy it into any
+trainer. DPO (Eq. 5) keeps a policy close to one reference model; MRPO keeps it close to K references, weighted by
+alpha_k, through a virtual reference, the weighted harmonic mean of their probabilities (Prop. 1), inside the DPO
+loss (Eq. 7). CTRO (Eq. 8) clips references k > 1 into a trust region around reference 1 whose size eps is set per
+response (Eq. 9); ARWC (Eq. 10) sets alpha per pair from each reference's confidence. Baselines: Multi-DPO
+(Eq. 11) and Mean-Ref (the arithmetic mixture). Every loss returns per-example losses and detached rewards; the
+caller reduces. After the core: Proposition 2 as it holds, and the weightings of arXiv:2512.10040 (VDW, VAW, SWCW,
+TSW), which never look at the pair being trained on.
 
-The method in ten lines
------------------------
-1. DPO (Eq. 5) trains a policy pi_theta on pairs (x, y_w, y_l) and keeps it close to ONE reference model.
-2. MRPO keeps it close to K references at once, weighted by alpha_k (sum_k alpha_k = 1), Eq. 6.
-3. The exact optimum of Eq. 6 has no usable closed form for DPO's trick, so the paper maximises a lower bound whose
-   optimum is a DPO solution against a *virtual reference* (Prop. 1): the weighted harmonic mean of probabilities,
-   pi_tilde(y|x) = (sum_k alpha_k / pi_k(y|x))^-1.
-4. The MRPO loss (Eq. 7) is the DPO loss with pi_tilde in place of the single reference.
-5. References of different families can disagree by hundreds of nats; the harmonic mean is then dominated by the
-   reference that finds the response least likely. CTRO (Eq. 8) clips each reference k > 1 into a trust region
-   around reference 1 (the model the policy starts from): log pi_k in [(1+eps) log pi_1, (1-eps) log pi_1].
-6. The trust-region size eps is set per response (Eq. 9): eps_max times that response's share of the total
-   reference log-prob mass of the pair.
-7. ARWC (Eq. 10) sets alpha_k per example from reference k's confidence |log pi_k(y_w) - log pi_k(y_l)|.
-8. Baselines: Multi-DPO (Eq. 11) averages K separate DPO losses; Mean-Ref uses the arithmetic mixture
-   sum_k alpha_k pi_k as the reference.
-9. Reference log-probs are constants (precomputed once), so every function here is cheap: O(K B).
-10. Every loss returns per-example losses and detached rewards; reduction is the caller's.
+Shapes: B pairs, K references (row 0 is reference 1, the model the policy starts from). Every log-prob is a summed
+sequence log-prob log pi(y|x) <= 0, computed in float32 at least (bf16/fp16 inputs are upcast, float64 stays).
+policy_chosen_logps, policy_rejected_logps (B,); ref_chosen_logps, ref_rejected_logps (K, B) (dpo_loss: (B,));
+alpha (K, B) after resolve_alpha; eps (B,) or a float. Reference log-probs are constants: the losses detach them.
 
-Shapes
-------
-B: pairs in a batch. K: references; row 0 is reference 1, the model the policy was initialised from.
-Every log-prob is a summed sequence log-prob log pi(y|x) (<= 0). The losses compute in float32 at least: bf16 or
-fp16 inputs are cast to float32 first (bf16 keeps 8 bits of mantissa: at log pi ~ -300 a loss computed in it is off by
-tenths of a nat), float64 stays float64. Reference log-probs are constants: the losses detach them.
-  policy_chosen_logps, policy_rejected_logps:  (B,)
-  ref_chosen_logps, ref_rejected_logps:        (K, B)   (dpo_loss takes (B,))
-  alpha:                                       (K, B)   after resolve_alpha; accepted as (K,), (K, B), a name, or
-                                                        for K = 2 a number: the weight of reference 1
-  eps:                                         (B,) or a float
-
-Where this code departs from the paper or from the authors' code (github.com/thaihungle/MRPO), and why
--------------------------------------------------------------------------------------------------------------
-- ARWC weight attachment. Eq. 10 computes alpha_k from reference k's own margin, and Eq. 6 / Prop. 1 attach
-  alpha_k to reference k's own term. The authors' K=2 code computes the weight from the *other* reference's
-  margin and multiplies the initial reference's 1/pi term with it (the weight "swaps" references). We follow the
-  equations: alpha_k weights its own reference, which is the only reading that extends to K > 2, and it makes the
-  virtual reference lean towards the more confident reference. To reproduce the authors' K=2 runs, pass
-  ``alpha=arwc_weights(rc, rr).flip(0)``.
-- Raw log-probs feed Eq. 9 and Eq. 10 (as in the authors' code): eps and alpha are computed before clipping.
-- A given alpha is normalised to sum to 1 over k. Prop. 1 assumes sum_k alpha_k = 1; an unnormalised alpha
-  would shift every virtual log-prob by -log sum(alpha), which cancels in the loss but not in the rewards.
-- Eq. 9 when a pair's reference log-probs are all exactly 0 (0/0): each response gets eps_max / 2.
-- Proposition 2, as printed, does not hold for every input. It holds exactly for the geometric-mean reference
-  (log pi_geo = sum_k alpha_k log pi_k), and for the harmonic virtual reference under the extra condition
-  J(rejected) >= J(chosen) (resp. <=) proven in ``prop2_bound`` below; CTRO bounds how far it can fail.
-- Non-finite reference log-probs are rejected with ValueError (a reference that assigns -inf to a response gives
-  a virtual reference of -inf and a loss of nan or 0); they are a data problem, not a training state.
-
-Weighting strategies beyond ARWC
---------------------------------
-ARWC (Eq. 10) weights each pair from the references' margins on that same pair, so a pair's weight depends on the
-pair it is trained on. The follow-up study of Echarghaoui and Wu, "Intelligently Weighting Multiple Reference
-Models for Direct Preference Optimization of LLMs" (https://arxiv.org/abs/2512.10040), proposes four weightings
-that do not; they are in the last section of this file, each giving alpha (K,) for the losses above:
-- VDW (vdw_weights): ARWC's confidence |m_k| summed over a held-out validation set; fixed before training.
-- VAW (vaw_weights): each reference's preference accuracy on the validation set; fixed before training.
-- SWCW (SlidingWindowWeights): the confidence pooled over the previous W training batches, never the current one.
-- TSW (ThompsonSamplingWeights): a Beta-Bernoulli bandit picks one reference per step, rewarded when held-out
-  accuracy rises after the step.
-VDW and VAW use validation pairs (VAW their labels), SWCW uses past batches, TSW uses held-out accuracy. Edge cases
-(every margin 0, a reference right on no pair, ties) are our choices, stated in each docstring.
+Where this code and its scripts depart from the paper, the authors' code (github.com/thaihungle/MRPO) or their
+setup, and why (this is the one list; the README links here):
+- ARWC: Eq. 10 and Prop. 1 attach alpha_k to reference k's own term; the authors' K=2 code weights the OTHER
+  reference's term with it. We follow the equations, the only reading that extends to K > 2;
+  alpha=arwc_weights(rc, rr).flip(0) reproduces the authors' K=2 runs.
+- Raw (unclipped) log-probs feed Eq. 9 and Eq. 10, as in the authors' code. A given alpha is normalised to sum to 1
+  (Prop. 1 assumes it). Eq. 9's 0/0 (every reference log-prob of a pair 0) gives each response eps_max / 2.
+- Proposition 2 as printed does not hold for every input: it holds exactly for the geometric-mean reference, and for
+  the harmonic one when J(rejected) >= J(chosen) (resp. <=), see prop2_bound; CTRO bounds how far it can fail.
+- Non-finite reference log-probs raise ValueError: a reference that gives a response probability 0 is a data error.
+- The scripts: truncation (the prompt's end, then the response's start, as in the DPO reference code) is decided per
+  response, not per pair, so that precompute.py and train.py encode a response alike; base-model dropout is off in
+  training and a batch is whole rows of the cache, so the policy starts at reference 1 exactly (docs/exact-start.md);
+  peft's prepare_model_for_kbit_training is not used (its fp32 upcast of a 4-bit model moves that start); a tie (a
+  margin under 1e-4 nats) counts half in rewards/accuracies, not as wrong as in TRL, so a policy equal to its
+  reference scores 0.5; the CPU demo uses lr 5e-4, as the paper's 1e-5 barely moves a 135M model in minutes.
 """
 
 import torch
@@ -321,7 +286,7 @@ def compute_loss(name, policy_chosen_logps, policy_rejected_logps, ref_chosen_lo
 # ----------------------------------------------------------------------------------------------------------------
 # The metric and the option parser that train.py and eval.py share
 
-TIE_NATS = 1e-4  # batched fp32 log-probs differ from cached ones by ~1e-5 nats (other padding, other batch)
+TIE_NATS = 1e-4  # a margin under this many nats is a tie: float noise, e.g. between the same policy in other rows
 
 
 def reward_accuracy(chosen_rewards, rejected_rewards, beta=1.0, tol=TIE_NATS):

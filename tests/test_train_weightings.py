@@ -161,12 +161,12 @@ def test_precompute_append_grows_a_cache_without_rescoring(tiny_refs, tmp_path):
     # Reference 1's row must be copied, not re-scored: mark it, then append reference 2.
     from precompute import _read_safetensors, _write_safetensors
     tensors, meta = _read_safetensors(out)
-    tensors["chosen_logps"][0, 0] = 123.0
+    tensors["chosen_logps"][0, 0] = -123.0  # a log-prob no model gave it
     _write_safetensors(out, tensors, meta)
     result = run("--refs", models[1], "--append")
     assert result.returncode == 0, result.stderr[-2000:]
     grown, whole = load_file(out), load_file(cache)
-    assert float(grown["chosen_logps"][0, 0]) == 123.0
+    assert float(grown["chosen_logps"][0, 0]) == -123.0
     grown["chosen_logps"][0, 0] = whole["chosen_logps"][0, 0]
     assert grown.keys() == whole.keys() and all(torch.equal(grown[k], whole[k]) for k in whole)
     again = run("--refs", models[1], "--append")
