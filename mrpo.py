@@ -63,7 +63,8 @@ def adaptive_eps(ref_chosen_logps, ref_rejected_logps, eps_max):
 
     .. math::
         \epsilon(y|x) = \epsilon_{max}\,
-            \frac{\big|\sum_k \log\pi_{ref}^k(y|x)\big|}{\sum_{y' \in \{y_w, y_l\}} \big|\sum_k \log\pi_{ref}^k(y'|x)\big|}
+            \frac{\big|\sum_k \log\pi_{ref}^k(y|x)\big|}
+                 {\sum_{y' \in \{y_w, y_l\}} \big|\sum_k \log\pi_{ref}^k(y'|x)\big|}
 
     ref_chosen_logps, ref_rejected_logps: (K, B). Returns (eps_chosen (B,), eps_rejected (B,)), which sum to eps_max.
     The response with more total log-prob mass (usually the longer one) gets the wider region. A pair whose
@@ -181,27 +182,61 @@ def _trust_region(ref_chosen_logps, ref_rejected_logps, eps_max, eps, clip):
 # ----------------------------------------------------------------------------------------------------------------
 # Losses: each returns (losses (B,), chosen_rewards (B,), rejected_rewards (B,)), rewards detached.
 
+LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
 
-def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta):
+
+def margin_loss(logits, beta, loss_type="sigmoid", label_smoothing=0.0):
+    r"""A pair's loss as a function of h = log(pi_theta/pi_ref)(y_w) - log(pi_theta/pi_ref)(y_l): (B,) -> (B,).
+
+    .. math::
+        	ext{sigmoid: } -(1-arepsilon)\log\sigma(eta h) - arepsilon\log\sigma(-eta h) \qquad
+        	ext{ipo: } ig(h - 	frac{1}{2eta}ig)^2 \qquad 	ext{hinge: } \max(0,\ 1 - eta h) \qquad
+        	ext{robust: } rac{-(1-arepsilon)\log\sigma(eta h) + arepsilon\log\sigma(-eta h)}{1 - 2arepsilon}
+
+    sigmoid is DPO's Eq. 5 (arXiv:2305.18290), with label smoothing eps > 0 conservative DPO (cDPO: each label
+    flipped with probability eps); ipo is IPO's Eq. 17 (arXiv:2310.12036v2); hinge is SLiC's and RSO's
+    (arXiv:2305.10425, 2309.06657); robust is rDPO's unbiased loss for labels flipped with probability eps < 1/2
+    (arXiv:2403.00409). TRL's loss_type of the same names computes the same. With MRPO pi_ref is the virtual
+    reference, with Multi-DPO each reference in its own term.
+    """
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    if not 0 <= label_smoothing < 0.5 or (label_smoothing and loss_type in ("ipo", "hinge")):
+        raise ValueError(f"label_smoothing {label_smoothing} must lie in [0, 0.5), and be 0 for ipo and hinge")
+    if loss_type == "ipo":
+        return (logits - 1 / (2 * beta)) ** 2  # IPO, Eq. 17
+    if loss_type == "hinge":
+        return torch.relu(1 - beta * logits)
+    if label_smoothing == 0:
+        return -F.logsigmoid(beta * logits)  # Eq. 5 (robust reduces to it too)
+    flipped = F.logsigmoid(-beta * logits) * label_smoothing
+    if loss_type == "sigmoid":
+        return -F.logsigmoid(beta * logits) * (1 - label_smoothing) - flipped  # cDPO
+    return (-F.logsigmoid(beta * logits) * (1 - label_smoothing) + flipped) / (1 - 2 * label_smoothing)  # rDPO
+
+
+def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta,
+             loss_type="sigmoid", label_smoothing=0.0):
     r"""DPO, Eq. 5, against one reference.
 
     .. math::
         \mathcal{L}_{DPO} = -\log\sigma\Big(\beta\log\frac{\pi_\theta(y_w|x)}{\pi_{ref}(y_w|x)}
                                           - \beta\log\frac{\pi_\theta(y_l|x)}{\pi_{ref}(y_l|x)}\Big)
 
-    All arguments (B,). Returns (losses, chosen_rewards, rejected_rewards), each (B,); the implicit rewards
-    beta (log pi_theta - log pi_ref) are detached. Policy equal to reference: loss = ln 2, rewards 0.
+    All log-probs (B,); loss_type and label_smoothing as in margin_loss (the default is Eq. 5). Returns (losses,
+    chosen_rewards, rejected_rewards), each (B,); the implicit rewards beta (log pi_theta - log pi_ref) are detached.
+    Policy equal to reference: loss = ln 2, rewards 0.
     """
     policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps = _loss_inputs(
         policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
     chosen_logratios = policy_chosen_logps - ref_chosen_logps  # log pi_theta(y_w)/pi_ref(y_w)
     rejected_logratios = policy_rejected_logps - ref_rejected_logps
-    losses = -F.logsigmoid(beta * (chosen_logratios - rejected_logratios))  # Eq. 5
+    losses = margin_loss(chosen_logratios - rejected_logratios, beta, loss_type, label_smoothing)  # Eq. 5
     return losses, (beta * chosen_logratios).detach(), (beta * rejected_logratios).detach()
 
 
 def mrpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta,
-              alpha="arwc", eps_max=0.1, eps=None, clip=True):
+              alpha="arwc", eps_max=0.1, eps=None, clip=True, loss_type="sigmoid", label_smoothing=0.0):
     r"""MRPO, Eq. 7: DPO against the virtual reference of Prop. 1, with CTRO (Eq. 8, 9) and ARWC (Eq. 10).
 
     .. math::
@@ -222,11 +257,12 @@ def mrpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_
     ref_w, ref_l = _trust_region(ref_chosen_logps, ref_rejected_logps, eps_max, eps, clip)  # Eq. 8, 9
     virtual_w = virtual_reference_logps(ref_w, alpha)  # Prop. 1, (B,)
     virtual_l = virtual_reference_logps(ref_l, alpha)
-    return dpo_loss(policy_chosen_logps, policy_rejected_logps, virtual_w, virtual_l, beta)  # Eq. 7
+    return dpo_loss(policy_chosen_logps, policy_rejected_logps, virtual_w, virtual_l, beta, loss_type,
+                    label_smoothing)  # Eq. 7
 
 
 def multi_dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta,
-                   alpha="arwc", eps_max=0.1, eps=None, clip=True):
+                   alpha="arwc", eps_max=0.1, eps=None, clip=True, loss_type="sigmoid", label_smoothing=0.0):
     r"""Multi-DPO baseline, Eq. 11: the alpha-weighted sum of K DPO losses, one per (clipped) reference.
 
     .. math::
@@ -242,14 +278,14 @@ def multi_dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
     alpha = resolve_alpha(alpha, ref_chosen_logps, ref_rejected_logps)  # (K, B)
     ref_w, ref_l = _trust_region(ref_chosen_logps, ref_rejected_logps, eps_max, eps, clip)
     losses_k, _, _ = dpo_loss(policy_chosen_logps.expand(K, -1), policy_rejected_logps.expand(K, -1),
-                              ref_w, ref_l, beta)  # (K, B): one DPO loss per reference
+                              ref_w, ref_l, beta, loss_type, label_smoothing)  # (K, B): one DPO loss per reference
     losses = (alpha * losses_k).sum(0)  # Eq. 11
     geo_w, geo_l = (alpha * ref_w).sum(0), (alpha * ref_l).sum(0)  # sum_k alpha_k log pi_k, (B,)
     return losses, (beta * (policy_chosen_logps - geo_w)).detach(), (beta * (policy_rejected_logps - geo_l)).detach()
 
 
 def mean_ref_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta,
-                  alpha="arwc", eps_max=0.1, eps=None, clip=True):
+                  alpha="arwc", eps_max=0.1, eps=None, clip=True, loss_type="sigmoid", label_smoothing=0.0):
     r"""Mean-Ref baseline: DPO against the arithmetic mixture of the (clipped) references.
 
     .. math::
@@ -266,21 +302,23 @@ def mean_ref_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, 
     ref_w, ref_l = _trust_region(ref_chosen_logps, ref_rejected_logps, eps_max, eps, clip)
     mean_w = torch.logsumexp(torch.log(alpha) + ref_w, dim=0)  # (B,)
     mean_l = torch.logsumexp(torch.log(alpha) + ref_l, dim=0)
-    return dpo_loss(policy_chosen_logps, policy_rejected_logps, mean_w, mean_l, beta)
+    return dpo_loss(policy_chosen_logps, policy_rejected_logps, mean_w, mean_l, beta, loss_type, label_smoothing)
 
 
 LOSSES = {"dpo": dpo_loss, "mrpo": mrpo_loss, "multi_dpo": multi_dpo_loss, "mean_ref": mean_ref_loss}
 
 
 def compute_loss(name, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta,
-                 alpha="arwc", eps_max=0.1, eps=None, clip=True):
+                 alpha="arwc", eps_max=0.1, eps=None, clip=True, loss_type="sigmoid", label_smoothing=0.0):
     """Dispatch by name over LOSSES with (K, B) references; "dpo" uses reference 1 (row 0) only."""
     if name not in LOSSES:
         raise ValueError(f"unknown loss {name!r}; choose one of {sorted(LOSSES)}")
     if name == "dpo":
-        return dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps[0], ref_rejected_logps[0], beta)
+        return dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps[0], ref_rejected_logps[0], beta,
+                        loss_type, label_smoothing)
     return LOSSES[name](policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta,
-                        alpha=alpha, eps_max=eps_max, eps=eps, clip=clip)
+                        alpha=alpha, eps_max=eps_max, eps=eps, clip=clip, loss_type=loss_type,
+                        label_smoothing=label_smoothing)
 
 
 # ----------------------------------------------------------------------------------------------------------------

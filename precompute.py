@@ -755,7 +755,9 @@ def fail(message):
 
 RULES = {"int>=1": (lambda v: v >= 1, "a whole number of at least 1"), ">=0": (lambda v: v >= 0, "at least 0"),
          ">0": (lambda v: v > 0, "greater than 0"), "[0,1]": (lambda v: 0 <= v <= 1, "between 0 and 1"),
-         "[0,1)": (lambda v: 0 <= v < 1, "at least 0 and below 1"), "any": (lambda v: True, "finite")}
+         "[0,1)": (lambda v: 0 <= v < 1, "at least 0 and below 1"), "[0,0.5)": (lambda v: 0 <= v < 0.5,
+                                                                                  "at least 0 and below 0.5"),
+         "any": (lambda v: True, "finite")}
 
 
 def check_flags(args, **rules):

@@ -90,6 +90,10 @@ group = parser.add_argument_group("Loss")
 group.add_argument("--loss", choices=sorted(mrpo.LOSSES), default="mrpo", help="dpo (the first reference of "
                    "--use-refs only, or the one --alpha tsw picks), mrpo (Eq. 7), multi_dpo (Eq. 11), mean_ref")
 group.add_argument("--beta", type=float, default=0.1, help="DPO/MRPO temperature beta")
+group.add_argument("--loss-type", choices=mrpo.LOSS_TYPES, default="sigmoid", help="the loss of a pair's "
+                   "implicit-reward margin (mrpo.margin_loss): sigmoid (DPO, Eq. 5), ipo, hinge or robust (rDPO)")
+group.add_argument("--label-smoothing", type=float, default=0.0,
+                   help="the rate of flipped labels in [0, 0.5): cDPO with --loss-type sigmoid, rDPO with robust")
 group.add_argument("--alpha", default="arwc", help="reference weights: arwc (Eq. 10, per example), uniform, K "
                    "comma-separated numbers, vdw / vaw (fixed from --val-refs), swcw (from the last --window "
                    "batches), tsw (--loss dpo against one reference a Thompson sampler picks each step; --val-data)")
@@ -130,9 +134,9 @@ group.add_argument("--stop-after", type=int, default=None, help="end the process
 group.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1 ...")
 args = parser.parse_args()
 check_flags(args, lora_r="int>=1", lora_alpha=">0", lora_dropout="[0,1)", beta=">0", window="int>=1",
-            tsw_subset="int>=1", eps_max="[0,1]", eps="[0,1]", lr=">0", min_lr=">=0", warmup_steps=">=0",
-            weight_decay=">=0", batch_size="int>=1", grad_accum="int>=1", grad_clip=">=0", epochs=">0",
-            max_steps="int>=1", seed="any", eval_every=">=0", log_every="int>=1", save_every="int>=1",
+            tsw_subset="int>=1", eps_max="[0,1]", eps="[0,1]", label_smoothing="[0,0.5)", lr=">0", min_lr=">=0",
+            warmup_steps=">=0", weight_decay=">=0", batch_size="int>=1", grad_accum="int>=1", grad_clip=">=0",
+            epochs=">0", max_steps="int>=1", seed="any", eval_every=">=0", log_every="int>=1", save_every="int>=1",
             stop_after="int>=1")
 check_paths([args.data, args.refs, args.eval_data, args.eval_refs, args.val_data, args.val_refs, args.model],
             [args.out_dir + os.sep])
@@ -157,7 +161,9 @@ for wrong, message in [  # flags that contradict each other, or miss the files t
          f"--use-refs), so --alpha {args.alpha} would weigh nothing; fix: --loss mrpo, multi_dpo or mean_ref with "
          f"--alpha {args.alpha}, or --use-refs K for DPO against reference K"),
         (args.resume and args.overwrite, "--resume continues the run in --out-dir, --overwrite deletes it; fix: "
-         "choose one")]:
+         "choose one"),
+        (args.label_smoothing and args.loss_type in ("ipo", "hinge"), f"--label-smoothing is the flip rate of "
+         f"--loss-type sigmoid (cDPO) or robust (rDPO), not of {args.loss_type}; fix: drop it")]:
     if wrong:
         fail(message)
 previous_run = [n for n in os.listdir(args.out_dir) if n.startswith(("checkpoint-", ".tmp-")) or n in (
@@ -319,7 +325,7 @@ def loss_terms(rows, encs, ref_chosen, ref_rejected, loss=args.loss, weights=Non
     rc, rr = ref_chosen[:, idx].to(device), ref_rejected[:, idx].to(device)  # (K', B)
     losses, chosen_rewards, rejected_rewards = mrpo.compute_loss(
         loss, pc, pr, rc, rr, args.beta, alpha=alpha if weights is None else weights, eps_max=args.eps_max,
-        eps=args.eps, clip=not args.no_clip)
+        eps=args.eps, clip=not args.no_clip, loss_type=args.loss_type, label_smoothing=args.label_smoothing)
     sums = {"loss": losses.detach().sum(), "rewards/chosen": chosen_rewards.sum(),
             "rewards/rejected": rejected_rewards.sum(),
             "rewards/accuracies": mrpo.reward_accuracy(chosen_rewards, rejected_rewards, args.beta).sum(),

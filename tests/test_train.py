@@ -395,7 +395,9 @@ def test_grad_accum_2_gives_the_same_update_as_1(tiny_refs, tiny_run, tmp_path):
 
 LOSS_RUNS = {"dpo": ["--loss", "dpo"], "multi_dpo --no-clip": ["--loss", "multi_dpo", "--no-clip"],
              "mean_ref --eps": ["--loss", "mean_ref", "--eps", "0.002"], "mrpo --eps": ["--loss", "mrpo", "--eps",
-                                                                                      "0.002"]}
+                                                                                      "0.002"],
+             "mrpo --loss-type robust": ["--loss", "mrpo", "--loss-type", "robust", "--label-smoothing", "0.2"],
+             "dpo --loss-type ipo": ["--loss", "dpo", "--loss-type", "ipo"]}
 
 
 @pytest.mark.parametrize("run", sorted(LOSS_RUNS))
@@ -408,12 +410,14 @@ def test_loss_options_reach_the_loss(tiny_refs, tmp_path, run):
     refs = load_file(cache)
     rc, rr = refs["chosen_logps"], refs["rejected_logps"]
     args = LOSS_RUNS[run]
-    options = dict(eps=float(args[args.index("--eps") + 1]) if "--eps" in args else None, clip="--no-clip" not in args)
+    value = lambda flag, default: type(default)(args[args.index(flag) + 1]) if flag in args else default  # noqa
+    options = dict(eps=value("--eps", 0.0) if "--eps" in args else None, clip="--no-clip" not in args,
+                   loss_type=value("--loss-type", "sigmoid"), label_smoothing=value("--label-smoothing", 0.0))
     want = float(mrpo.compute_loss(args[1], rc[0], rr[0], rc, rr, 0.1, **options)[0].mean())
     assert step1["loss"] == pytest.approx(want, abs=1e-5)
-    if args[1] != "dpo":
+    if args[1] != "dpo" or "--loss-type" in args:
         assert abs(want - float(mrpo.compute_loss(args[1], rc[0], rr[0], rc, rr, 0.1)[0].mean())) > 1e-4
-    else:  # the policy is reference 1: every reward is 0 up to float noise, a tie, which counts half
+    if args[1] == "dpo":  # the policy is reference 1: every reward is exactly 0, a tie, which counts half
         assert step1["rewards/accuracies"] == 0.5
 
 
