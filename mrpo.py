@@ -7,8 +7,9 @@ alpha_k, through a virtual reference, the weighted harmonic mean of their probab
 loss (Eq. 7). CTRO (Eq. 8) clips references k > 1 into a trust region around reference 1 whose size eps is set per
 response (Eq. 9); ARWC (Eq. 10) sets alpha per pair from each reference's confidence. Baselines: Multi-DPO
 (Eq. 11) and Mean-Ref (the arithmetic mixture). Every loss returns per-example losses and detached rewards; the
-caller reduces. After the core: Proposition 2 as it holds, and the weightings of arXiv:2512.10040 (VDW, VAW, SWCW,
-TSW), which never look at the pair being trained on.
+caller reduces. After the core: Proposition 2 as it holds, the weightings of arXiv:2512.10040 (VDW, VAW, SWCW,
+TSW), which never look at the pair being trained on, and losses over sets of N scored responses (MPO,
+arXiv:2412.04628) against one reference or against the virtual reference of K (mpo_loss, mrpo_set_loss).
 
 Shapes: B pairs, K references (row 0 is reference 1, the model the policy starts from). Every log-prob is a summed
 sequence log-prob log pi(y|x) <= 0, computed in float32 at least (bf16/fp16 inputs are upcast, float64 stays).
@@ -605,3 +606,192 @@ class ThompsonSamplingWeights:
                              f"this run has K={self.K}, prior={self.prior}; resume with the same references and prior")
         self.a, self.b = list(state["a"]), list(state["b"])
         self.generator.set_state(state["generator"])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sets of scored responses: MPO (Gupta et al., "Multi-Preference Optimization: Generalizing DPO via Set-Level
+# Contrasts", https://arxiv.org/abs/2412.04628v4) against one reference, and against K references the MRPO way
+#
+# A prompt comes with n >= 2 responses y_1..y_n, each scored r_i (higher is better, e.g. by a reward model). Those
+# scored above the set's mean r_bar form Y+, the rest (r_i <= r_bar) Y-. B sets are padded to N slots:
+#   mask (B, N) bool: the real responses.  policy_logps, scores, rewards: (B, N).  losses, has_preference: (B,).
+#   ref_logps: (B, N) for one reference, (K, B, N) for K (row 0 = reference 1).  alpha: (K, B), one per set.
+# Masked slots may hold anything, nan and inf included: torch.where replaces them by 0 before they can reach a loss,
+# a reward or a gradient (rewards and gradients are exactly 0 there). A set whose real scores are all equal has
+# no preference: its loss is exactly 0, with gradient 0, and has_preference is False. Fewer than 2 real responses in
+# a set: ValueError. set_pairs turns sets into the (y_w, y_l) pairs of the pairwise losses above.
+
+
+def _set_scores(scores, mask):
+    """Checks a padded batch of sets; returns the scores (float32 at least, 0 in masked slots) and each set's best
+    and worst real score, (B,) each: best > worst iff the set has a preference."""
+    if mask.dtype != torch.bool or mask.dim() != 2 or scores.shape != mask.shape:
+        raise ValueError(f"scores and mask must both be (B, N), mask of dtype bool; got {tuple(scores.shape)} and "
+                         f"{tuple(mask.shape)} {mask.dtype}")
+    short = (mask.sum(1) < 2).nonzero().flatten().tolist()
+    if short:
+        raise ValueError(f"sets {short[:8]} have fewer than 2 real responses in mask; a set needs at least 2 to "
+                         f"compare: drop those prompts, or score more responses for them")
+    scores = torch.where(mask, scores.to(torch.promote_types(scores.dtype, torch.float32)), 0.0)
+    if not bool(torch.isfinite(scores).all()):
+        raise ValueError("scores of real responses must be finite; check the reward model's scores")
+    return scores, torch.where(mask, scores, -torch.inf).amax(1), torch.where(mask, scores, torch.inf).amin(1)
+
+
+def _set_partition(scores, mask, weighting, gamma):
+    """Y+ (B, N) bool, has_preference (B,) and the log-weights log w_i (B, N), -inf in masked slots."""
+    if weighting not in ("none", "deviation", "signed"):
+        raise ValueError(f"weighting must be 'none', 'deviation' or 'signed', got {weighting!r}")
+    scores, best, worst = _set_scores(scores, mask)
+    mean = scores.sum(1, keepdim=True) / mask.sum(1, keepdim=True)  # r_bar over the real responses, (B, 1)
+    # Y+ = {i : r_i > r_bar}. The guards act only if rounding puts r_bar outside (worst, best), e.g. for near-ties.
+    chosen = mask & ((scores > mean) | (scores == best[:, None])) & (scores > worst[:, None])
+    deviation = scores - mean
+    log_w = {"none": 0 * deviation, "deviation": gamma * deviation.abs(), "signed": gamma * deviation}[weighting]
+    return chosen, best > worst, torch.where(mask, log_w, -torch.inf)
+
+
+def mpo_loss(policy_logps, ref_logps, scores, mask, beta, weighting="none", gamma=1.0):
+    r"""MPO: a set-level Bradley-Terry loss, Y+ against all n responses of the prompt, against one reference.
+
+    .. math::
+        \mathcal{L}_{MPO} = -\log\frac{\sum_{i \in Y^+} w_i\, e^{s_i}}{\sum_{i=1}^{n} w_i\, e^{s_i}},
+        \qquad s_i = \beta\log\frac{\pi_\theta(y_i|x)}{\pi_{ref}(y_i|x)},
+        \qquad Y^+ = \{i : r_i > \bar r\}, \quad \bar r = \tfrac1n \sum_{i=1}^{n} r_i
+
+    weighting: "none" (w_i = 1, MPO), "deviation" (w_i = e^{gamma |r_i - r_bar|}, W-MPO) or "signed"
+    (w_i = e^{gamma (r_i - r_bar)}). gamma is the paper's alpha (alpha names the references' weights here). The two
+    forms agree on Y+ and differ on Y-: "deviation" up-weights the worst responses, "signed" down-weights them. How
+    they are written: SWEPO (v1 of arXiv:2412.04628) gives e^{alpha (r_i - r_bar)} on Y+; the reviews of MPO's ICLR
+    2026 version (openreview.net/forum?id=iXo8oV3Pz0) describe W-MPO's weights as the absolute deviation; REFA
+    (arXiv:2412.16378v4, Eq. 5, same authors) restates MPO's weights as e^{alpha (r_i - r_bar)} on every response.
+    n = 2: "none" and "deviation" (two equal weights) give DPO, Eq. 5; "signed" gives
+    -log sigma(s_w - s_l + gamma (r_w - r_l)), DPO with a score margin.
+    policy_logps, ref_logps, scores, mask: (B, N). Returns (losses (B,), rewards s_i (B, N) detached, has_preference
+    (B,)). Policy equal to reference, "none": loss = log(n / |Y+|) (ln 2 for a pair).
+    """
+    if policy_logps.shape != mask.shape or ref_logps.shape != mask.shape:
+        raise ValueError(f"policy_logps and ref_logps must be (B, N) like mask {tuple(mask.shape)}; got "
+                         f"{tuple(policy_logps.shape)} and {tuple(ref_logps.shape)}")
+    policy_logps, _, ref_logps, _ = _loss_inputs(policy_logps, policy_logps, ref_logps, ref_logps)  # float32+
+    chosen, has_preference, log_w = _set_partition(scores, mask, weighting, gamma)
+    rewards = beta * torch.where(mask, policy_logps - ref_logps, 0.0)  # s_i; masked slots -> 0
+    log_w_chosen = torch.where(chosen | ~has_preference[:, None], log_w, -torch.inf)  # no Y+: numerator = denominator
+    losses = torch.logsumexp(rewards + log_w, 1) - torch.logsumexp(rewards + log_w_chosen, 1)  # MPO
+    return losses, rewards.detach(), has_preference
+
+
+def set_adaptive_eps(ref_logps, mask, eps_max):
+    r"""Eq. 9 over a set: each response's share of the reference log-prob mass of ALL the prompt's real responses.
+
+    .. math::
+        \epsilon(y_i|x) = \epsilon_{max}\,\frac{\big|\sum_k \log\pi_{ref}^k(y_i|x)\big|}
+                                              {\sum_{j=1}^{n} \big|\sum_k \log\pi_{ref}^k(y_j|x)\big|}
+
+    The paper's denominator is "the sum over all possible outputs"; for a pair that is y_w and y_l (adaptive_eps),
+    for a set all n responses, so the n eps of a set sum to eps_max and n = 2 gives Eq. 9 as the pair loss computes
+    it. Larger sets thus get narrower regions (mean eps_max / n); pass a fixed eps to mrpo_set_loss to decouple them.
+    ref_logps: (K, B, N) RAW log-probs. Returns eps (B, N), 0 in masked slots; all-zero mass: eps_max / n each.
+    """
+    mass = torch.where(mask, ref_logps.sum(0).abs(), 0.0)  # |sum_k log pi_k(y_i|x)|, (B, N)
+    total = mass.sum(1, keepdim=True)  # over the real responses of the set, (B, 1)
+    uniform = mask / mask.sum(1, keepdim=True)
+    return eps_max * torch.where(total > 0, mass / torch.where(total > 0, total, 1.0), uniform)  # Eq. 9
+
+
+def mrpo_set_loss(policy_logps, ref_logps, scores, mask, beta, alpha="arwc", eps_max=0.1, eps=None, clip=True,
+                  weighting="none", gamma=1.0):
+    r"""MPO against the virtual reference (Prop. 1) of K CTRO-clipped references (Eq. 8, 9), weighted by ARWC (Eq. 10).
+
+    .. math::
+        \log\tilde\pi_{ref}(y_i|x) = -\operatorname{logsumexp}_k\big(\log\alpha_k - \log\hat\pi_{ref}^k(y_i|x)\big),
+        \qquad \alpha_k = \frac{|m_k|}{\sum_j |m_j|}, \quad
+        m_k = \frac{1}{|Y^+|}\sum_{i \in Y^+}\log\pi_{ref}^k(y_i|x)
+            - \frac{1}{|Y^-|}\sum_{i \in Y^-}\log\pi_{ref}^k(y_i|x)
+
+    then mpo_loss with log pi_tilde as the reference (Eq. 7 with MPO's loss in place of DPO's). Choices, each equal to
+    the pair version at n = 2: every response gets its own virtual reference and its own CTRO region (Eq. 8) with eps
+    from set_adaptive_eps (Eq. 9 over all n responses); one alpha (K,) per set, shared by its responses as mrpo_loss
+    shares it between y_w and y_l. ARWC's m_k is reference k's margin on the set-level contrast the loss trains, Y+
+    against Y-: the mean of its margins over all (Y+, Y-) pairs (contrasting Y+ with all n responses, as the loss's
+    denominator does, scales every m_k by |Y-| / n: the same alpha). Its absolute value, not the mean of absolute
+    margins, so that a reference that orders the set inconsistently earns no confidence. Every m_k = 0: uniform.
+    Eq. 9 and 10 read the RAW log-probs, as in mrpo_loss. alpha: "arwc" | "uniform" | weights as resolve_alpha takes.
+    eps: a fixed eps instead of eps_max (float, (B,) per set or (B, N) per response); clip=False turns CTRO off.
+    K = 1 or eps = 0 gives mpo_loss against reference 1. ref_logps: (K, B, N), finite in real slots; the rest (B, N).
+    Returns mpo_loss's (losses, rewards, has_preference), rewards against the virtual reference.
+    """
+    if ref_logps.dim() != 3 or ref_logps.shape[1:] != mask.shape:
+        raise ValueError(f"ref_logps must be (K, B, N) with (B, N) = mask's {tuple(mask.shape)}; got "
+                         f"{tuple(ref_logps.shape)} (one reference: ref_logps[None])")
+    policy_logps, _, ref_logps, _ = _loss_inputs(policy_logps, policy_logps, ref_logps, ref_logps)  # float32+
+    chosen, _, _ = _set_partition(scores, mask, weighting, gamma)
+    ref_logps = torch.where(mask, ref_logps, 0.0)  # (K, B, N)
+    _check_refs(ref_logps[:, mask], ref_logps[:, mask])  # the real slots, (K, M), must be finite
+    K, B, N = ref_logps.shape
+    rejected = mask & ~chosen  # Y-
+    mean_chosen = (ref_logps * chosen).sum(2) / chosen.sum(1).clamp(min=1)  # mean_{Y+} log pi_k, (K, B)
+    mean_rejected = (ref_logps * rejected).sum(2) / rejected.sum(1).clamp(min=1)
+    alpha = resolve_alpha(alpha, mean_chosen, mean_rejected)  # Eq. 10 on the set means, (K, B)
+    if clip:
+        if eps is None:
+            eps = set_adaptive_eps(ref_logps, mask, eps_max)  # Eq. 9, (B, N)
+        eps = torch.as_tensor(eps, dtype=ref_logps.dtype, device=ref_logps.device)
+        ref_logps = ctro_clip(ref_logps, eps[:, None] if eps.dim() == 1 else eps)  # Eq. 8, (K, B, N)
+    alpha = alpha[:, :, None].expand(K, B, N).reshape(K, B * N)  # each response gets its set's alpha
+    virtual = virtual_reference_logps(ref_logps.reshape(K, B * N), alpha).view(B, N)  # Prop. 1
+    return mpo_loss(policy_logps, virtual, scores, mask, beta, weighting, gamma)  # Eq. 7, set-level
+
+
+def set_pairs(scores, mask, mode="all"):
+    """The pairs of each set for the pairwise losses: (set_idx, better_idx, worse_idx), LongTensors (P,).
+
+    mode "all": every ordered pair of real responses with r_i > r_j (ties give none), ordered by set, then i, then j.
+    mode "best_worst": one pair per set, its best against its worst response; among tied best (or worst) scores the
+    lowest index. Sets without preference give no pair. Use: pc, pr = policy_logps[s, w], policy_logps[s, l] and
+    rc, rr = ref_logps[:, s, w], ref_logps[:, s, l] for mrpo_loss. scores, mask: (B, N).
+    """
+    scores, best, worst = _set_scores(scores, mask)
+    if mode == "all":
+        better = mask[:, :, None] & mask[:, None, :] & (scores[:, :, None] > scores[:, None, :])  # (B, N, N): i > j
+        return better.nonzero(as_tuple=True)
+    if mode == "best_worst":
+        sets = (best > worst).nonzero().flatten()
+        best_idx = torch.where(mask, scores, -torch.inf).argmax(1)  # argmax/argmin return the first of tied values
+        worst_idx = torch.where(mask, scores, torch.inf).argmin(1)
+        return sets, best_idx[sets], worst_idx[sets]
+    raise ValueError(f"mode must be 'all' or 'best_worst', got {mode!r}")
+
+
+@torch.no_grad()
+def set_ranking_metrics(values, scores, mask, beta=1.0, tol=TIE_NATS):
+    r"""How well values (B, N) rank each set's responses by score: implicit rewards with their beta, or log-probs.
+
+    Per set, (B,) each, ties in values being differences under tol nats (after dividing by beta), as in
+    reward_accuracy:
+    - pairwise_accuracy: reward_accuracy averaged over the ordered pairs with r_i > r_j (a tie in values counts 1/2).
+    - top1_accuracy: the share of the set's top-valued responses (no real response beats them by tol or more) that
+      have the set's best score (any of tied best scores counts): chance level when all values tie.
+    - kendall_tau_b: the tau-b, which corrects for ties in both scores and values; 0 when all values tie.
+
+    .. math::
+        \tau_b = \frac{n_c - n_d}{\sqrt{(n_0 - n_1)(n_0 - n_2)}}, \qquad n_0 = \tbinom{n}{2}
+
+    with n_c, n_d the concordant and discordant pairs, n_1, n_2 the pairs tied in scores and in values. Also returns
+    has_preference (B,); average each metric over the sets that have one, each set counting once, e.g.
+    m["kendall_tau_b"][m["has_preference"]].mean().
+    """
+    scores, best, worst = _set_scores(scores, mask)
+    values = torch.where(mask, values, 0.0)
+    pair = mask[:, :, None] & mask[:, None, :]  # (B, N, N): (i, j) both real
+    better = pair & (scores[:, :, None] > scores[:, None, :])
+    accuracy = reward_accuracy(values[:, :, None], values[:, None, :], beta, tol)  # (B, N, N)
+    margin = (values.float()[:, :, None] - values.float()[:, None, :]) / beta  # v_i - v_j, as reward_accuracy
+    sign_values = torch.where(margin.abs() < tol, 0.0, margin.sign()) * pair
+    sign_scores = (scores[:, :, None] - scores[:, None, :]).sign().float() * pair
+    top = mask & ~(pair & (margin >= tol)).any(1)  # no real j has v_j - v_i >= tol
+    norm = (sign_scores.square().sum((1, 2)) * sign_values.square().sum((1, 2))).sqrt()  # 2 sqrt((n0-n1)(n0-n2))
+    tau = (sign_scores * sign_values).sum((1, 2)) / norm.clamp(min=1)  # 2 (n_c - n_d) / norm
+    return {"pairwise_accuracy": (accuracy * better).sum((1, 2)) / better.sum((1, 2)).clamp(min=1),
+            "top1_accuracy": (top & (scores == best[:, None])).sum(1) / top.sum(1),
+            "kendall_tau_b": torch.where(norm > 0, tau, 0.0), "has_preference": best > worst}

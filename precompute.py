@@ -359,7 +359,7 @@ def attention_mask(config, row):
     full and sliding layers takes a dict {"full_attention": ..., "sliding_attention": ...} (a 4D tensor would reach
     every layer unchanged, dropping the window). sdpa takes a boolean mask (True = attend), eager 0 / -inf.
     """
-    impl = config._attn_implementation or "eager"
+    impl = (config._attn_implementation or "eager").removeprefix("pairwise_")  # sdpa or eager: see pair_logps
     pos, pair, branch = row.position_ids[0], row.pair, row.branch  # (L,) each
     allowed = ((pair[:, None] == pair[None, :]) & (pos[None, :] <= pos[:, None])
                & ((branch[None, :] == 0) | (branch[None, :] == branch[:, None])))  # (L, L): [query, key]
@@ -403,15 +403,50 @@ def pair_rows(encoded_pairs, row_tokens):
     return rows
 
 
+def pairwise_attention(module, query, key, value, attention_mask, pair_spans=None, **kwargs):
+    """The attention of a packed row, one pair at a time: the attention implementation pair_logps installs.
+
+    query (1, heads, L, D), key and value (1, kv_heads, L, D), attention_mask (1, 1, L, L) from attention_mask(),
+    pair_spans [(begin, end)] from pack_row. No token sees another pair, so each pair's block is computed alone by
+    the attention the model was loaded with (sdpa or eager): what the pairs cost alone, not the square of the row.
+    Without pair_spans (generation, plain forwards) it is that attention on the whole input.
+    """
+    impl = module.config._attn_implementation.removeprefix("pairwise_")
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    inner = ALL_ATTENTION_FUNCTIONS.get_interface(impl, sys.modules[type(module).__module__].eager_attention_forward)
+    if pair_spans is None:
+        return inner(module, query, key, value, attention_mask, **kwargs)
+    out = [inner(module, query[:, :, b:e], key[:, :, b:e], value[:, :, b:e], attention_mask[:, :, b:e, b:e],
+                 **kwargs)[0] for b, e in pair_spans]  # each (1, e - b, heads, D)
+    return torch.cat(out, dim=1), None
+
+
+def use_pairwise_attention(model):
+    """Make the model's attention pairwise_attention around the one it was loaded with (sdpa or eager), once; the
+    model keeps it (gradient checkpointing re-runs the forward and must see the same attention)."""
+    impl = model.config._attn_implementation or "eager"
+    if impl.startswith("pairwise_"):
+        return
+    if impl not in ("sdpa", "eager"):
+        raise ValueError(f"attention implementation {impl!r} cannot take the prefix-sharing mask of pair_logps; fix: "
+                         f"load the model with attn_implementation='sdpa' (the default) or 'eager'")
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+    AttentionInterface.register("pairwise_" + impl, pairwise_attention)
+    AttentionMaskInterface.register("pairwise_" + impl, ALL_MASK_ATTENTION_FUNCTIONS[impl])  # masks for generation
+    model.set_attn_implementation("pairwise_" + impl)
+
+
 def pair_logps(model, encoded_pairs, row_tokens=ROW_TOKENS):
     """Summed response log-probs of B pairs: (chosen (B,), rejected (B,)), float32, differentiable.
 
     Exactly what a forward of each sequence alone gives, on fewer tokens: each pair's shared prompt runs once with
     both responses after it (prefix sharing), the pairs are packed into forwards of at most row_tokens tokens (no
-    padding) with one attention call per layer under the row's mask, and the output layer runs only where a scored
-    token is predicted. model: a causal LM, or a peft wrapper of one (its LoRA layers sit inside the decoder).
+    padding) with attention pair by pair (pairwise_attention), and the output layer runs only where a scored token
+    is predicted. model: a causal LM, or a peft wrapper of one (its LoRA layers sit inside the decoder).
     """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    use_pairwise_attention(base)
     decoder, device = base.get_decoder(), base.get_output_embeddings().weight.device
     sums = torch.zeros(2 * len(encoded_pairs), dtype=torch.float32, device=device)  # (2B,) chosen_0, rejected_0, ...
     for idx in pair_rows(encoded_pairs, row_tokens):
@@ -419,7 +454,7 @@ def pair_logps(model, encoded_pairs, row_tokens=ROW_TOKENS):
         mask = attention_mask(base.config, row)
         mask = {k: m.to(device) for k, m in mask.items()} if isinstance(mask, dict) else mask.to(device)
         hidden = decoder(input_ids=row.input_ids.to(device), position_ids=row.position_ids.to(device),
-                         attention_mask=mask, use_cache=False).last_hidden_state[0]  # (L, H)
+                         attention_mask=mask, pair_spans=row.spans, use_cache=False).last_hidden_state[0]  # (L, H)
         logps = token_logps(base, hidden[row.predictors.to(device)], row.targets.to(device))  # (n,)
         sequence = 2 * torch.tensor(idx)[row.sequence // 2] + row.sequence % 2  # (n,) index into sums
         sums = sums.index_add(0, sequence.to(device), logps)

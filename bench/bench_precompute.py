@@ -4,11 +4,12 @@
     python bench/bench_precompute.py --refs smollm2 --dtypes bf16 --rows 100
     python bench/bench_precompute.py --device cuda --refs Qwen/Qwen2.5-7B-Instruct --load-in-4bit --dtypes bf16
 
-It scores the chosen and rejected responses of --rows pairs exactly as precompute.py does (each model's own format,
-pairs sorted by length, --batch-size pairs per precompute.pair_logps call: shared prompts, the pairs of a call packed
-into one row, attention pair by pair, no padding, float32 log-probs) and prints one line per (model, dtype): model
-load time, tokens/s counting the tokens of both sequences of each pair (prompt + response, the prompt twice: the same
-unit as the padded version before it), and the share of those tokens that sharing the prompt saves.
+It scores the chosen and rejected responses of --rows pairs as precompute.py scores references 2, 3, ... (each
+model's own format, pairs sorted by length, --batch-size pairs per precompute.pair_logps call: shared prompts, the
+pairs of a call packed into one row, one attention call per layer under its mask, no padding, float32 log-probs);
+--batch-size 1 is how reference 1 is scored in rows of one pair, precompute.py's default. It prints one line per
+(model, dtype): model load time, tokens/s counting the tokens of both sequences of each pair (prompt + response, the
+prompt twice), and the share of those tokens that sharing the prompt saves.
 """
 
 import argparse

@@ -4,11 +4,11 @@
     python bench/bench_train.py --dtype bf16 --rounds 10
     python bench/bench_train.py --device cuda --model Qwen/Qwen2.5-7B-Instruct --load-in-4bit --dtype bf16
 
-A step is what train.py does per optimizer step: precompute.pair_logps over the chosen and rejected responses of the
-batch (shared prompts, the pairs packed into one row), summed float32 log-probs, the loss from mrpo.py against K
-cached reference log-probs, backward, gradient clipping and an AdamW step on the LoRA weights. The K reference
-log-probs are synthetic (reference 1's log-probs plus noise): MRPO never runs a reference model, so K only changes
-the (K, B) tensors that enter the loss.
+A step is what train.py does per optimizer step on a batch that is one row of the cache: precompute.pair_logps over
+the chosen and rejected responses of the batch (shared prompts, the pairs packed into one row), summed float32
+log-probs, the loss from mrpo.py against K cached reference log-probs, backward, gradient clipping and an AdamW step
+on the LoRA weights. The K reference log-probs are synthetic (reference 1's log-probs plus noise): MRPO never runs a
+reference model, so K only changes the (K, B) tensors that enter the loss.
 
 Timing: the configurations are interleaved round by round (DPO, K=1, K=2, ...) and the median step time of each
 is reported, so slow drifts of the machine hit all of them alike. Memory: on CUDA the peak allocated memory of the

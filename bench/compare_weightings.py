@@ -105,7 +105,7 @@ for split, rows in splits.items():
     try:
         precompute.load_cache(cache, precompute.read_pairs(data), data)
         continue  # up to date
-    except precompute.CacheMismatchError:
+    except precompute.InputError:
         pass
     cmd = [python, "precompute.py", "--data", data, "--refs", *REFS, "--dtype", args.dtype, "--out", cache]
     print(" ".join(cmd), file=sys.stderr)
@@ -127,7 +127,7 @@ def run_method(method, seed):
     resume = os.path.isfile(os.path.join(directory, "latest"))
     print(f"[{method} seed {seed}]{' resuming' if resume else ''}: {' '.join(cmd)}", file=sys.stderr)
     t0 = time.time()
-    subprocess.run(cmd + (["--resume"] if resume else []), cwd=ROOT, check=True)
+    subprocess.run(cmd + (["--resume"] if resume else ["--overwrite"]), cwd=ROOT, check=True)  # a killed run's rest
     records = [json.loads(line) for line in open(os.path.join(directory, "metrics.jsonl"))]
     final = [r for r in records if "eval_loss" in r][-1]
     result = {"method": method, "seed": seed, "seconds": round(time.time() - t0, 1), "resumed": resume,

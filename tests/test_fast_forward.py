@@ -103,9 +103,9 @@ def test_pair_logps_equal_plain_forward(name, attn, row_tokens):
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("name", sorted(MODELS))
-def test_pair_logps_leaves_plain_forwards_and_generation_alone(name, attn):
-    """pair_logps changes nothing in the model: its attention stays what it was loaded with, and a plain forward
-    (with a padded batch and its 2D mask) and greedy generation afterwards give what they gave before it."""
+def test_pairwise_attention_leaves_plain_forwards_and_generation_alone(name, attn):
+    """pair_logps installs pairwise_attention in the model for good; a plain forward (with a padded batch and its
+    2D mask) and greedy generation afterwards give what they gave before it, and pair_logps still matches them."""
     model = MODELS[name](attn)
     pairs = random_pairs(model.config.vocab_size)
     ids = torch.tensor([pairs[0][0].ids[:12], [0] * 3 + pairs[1][0].ids[:9]])  # the second row left-padded
@@ -115,7 +115,7 @@ def test_pair_logps_leaves_plain_forwards_and_generation_alone(name, attn):
         generated = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
         plain = plain_logps(model, pairs)
         fast = precompute.pair_logps(model, pairs)
-        assert model.config._attn_implementation == attn
+        assert model.config._attn_implementation == "pairwise_" + attn
         assert torch.equal(model(input_ids=ids, attention_mask=mask).logits, logits)
         assert torch.equal(model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False),
                            generated)
