@@ -56,6 +56,8 @@ def world(tiny_refs, tmp_path_factory):
     weights = load_file(root / "adapter" / "adapter_model.safetensors")
     save_file({k: v.fill_(float("nan")) if "lora_A" in k else v for k, v in weights.items()},
               root / "nan-adapter" / "adapter_model.safetensors")
+    (root / "partial.safetensors.partial").mkdir()  # a killed precompute run whose partial file was torn
+    (root / "partial.safetensors.partial" / "ref0.safetensors").write_bytes(b"\x10\x00\x00\x00{\"__meta")
     (root / "broken-adapter").mkdir()
     (root / "broken-adapter" / "adapter_config.json").write_text("{not json")
     (root / "bad-role.jsonl").write_text(json.dumps({"prompt": [{"role": "tool", "content": "x"}, {
@@ -83,6 +85,8 @@ CASES = [  # (script, arguments, words the error must hold)
      ["row 1, field 'prompt'", "<|im_end|>"]),
     ("precompute.py", ["--data", P, "--out", "{root}/torn.safetensors", "--append", "--refs", "{tiny1}"],
      ["torn.safetensors", "not a readable"]),
+    ("precompute.py", ["--data", P, "--out", "{root}/partial.safetensors", "--refs", "{tiny1}"],
+     ["partial.safetensors.partial/ref0.safetensors", "delete it"]),
     ("train.py", TRAIN + ["--beta", "-1"], ["--beta"]),
     ("train.py", TRAIN + ["--beta", "0"], ["--beta"]),
     ("train.py", TRAIN + ["--lr", "inf"], ["--lr"]),
@@ -102,6 +106,7 @@ CASES = [  # (script, arguments, words the error must hold)
     ("train.py", TRAIN[:-1] + ["{root}/previous"], ["holds another run", "--resume", "--overwrite"]),
     ("train.py", TRAIN[:-1] + [R], ["overwrite the input"]),
     ("train.py", TRAIN + ["--resume", "--overwrite"], ["choose one"]),
+    ("train.py", TRAIN[:-1] + ["/proc/mrpo-run"], ["cannot write"]),
     ("train.py", ["--data", P, "--refs", "{root}/torn.safetensors", "--eval-every", "0"], ["not a readable"]),
     ("train.py", ["--data", P, "--refs", "{root}/nan.safetensors", "--eval-every", "0"], ["reference 2, pair 4"]),
     ("train.py", ["--data", P, "--refs", "{root}/positive.safetensors", "--eval-every", "0"], ["not a log-prob"]),
@@ -112,6 +117,7 @@ CASES = [  # (script, arguments, words the error must hold)
     ("eval.py", EVAL + ["--max-new-tokens", "0"], ["--max-new-tokens"]),
     ("eval.py", ["--data", P, "--refs", R, "--out", P], ["overwrite the input"]),
     ("eval.py", ["--data", P, "--refs", R, "--out", "{root}"], ["is a directory"]),
+    ("eval.py", ["--data", P, "--refs", R, "--out", "/proc/mrpo/eval.json"], ["cannot write"]),
     ("eval.py", EVAL + ["--adapters", "{root}/broken-adapter"], ["broken-adapter", "not a loadable"]),
     ("eval.py", EVAL + ["--adapters", "base", "{root}/nan-adapter"], ["nan-adapter", "not all finite"]),
     ("eval.py", ["--data", P, "--refs", "{root}/torn.safetensors"], ["not a readable"]),
