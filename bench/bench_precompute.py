@@ -6,7 +6,7 @@
 
 It scores the chosen and rejected responses of --rows pairs as precompute.py scores references 2, 3, ... (each
 model's own format, pairs sorted by length, --batch-size pairs per precompute.pair_logps call: shared prompts, the
-pairs of a call packed into one row, one attention call per layer under its mask, no padding, float32 log-probs);
+pairs of a call packed into one row, attention pair by pair, no padding, float32 log-probs);
 --batch-size 1 is how reference 1 is scored in rows of one pair, precompute.py's default. It prints one line per
 (model, dtype): model load time, tokens/s counting the tokens of both sequences of each pair (prompt + response, the
 prompt twice), and the share of those tokens that sharing the prompt saves.

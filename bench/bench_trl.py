@@ -197,7 +197,8 @@ def main():
         computed, sequences = sum(f[1] for f in flops), sum(f[2] for f in flops)
         print(f"{dtype}: train.py {ours_s:.2f} s/step, TRL {theirs_s:.2f} s/step, ratio train.py/TRL "
               f"{ours_s / theirs_s:.3f} (goal <= 0.25) | train.py step: padding 0.0% of computed tokens "
-              f"(rows of {args.row_pairs} pairs, one forward each; goal <= 5%), {computed} tokens computed for {sequences} sequence tokens "
+              f"(rows of {args.row_pairs} pairs, one forward each; goal <= 5%), {computed} tokens computed for "
+              f"{sequences} sequence tokens "
               f"({1 - computed / sequences:.0%} saved by sharing prompts), "
               f"{statistics.median(f[0] for f in flops) / 1e9:.0f} GFLOP/step, {fraction:.1%} of the bf16 matmul peak "
               f"(goal >= 25%) | process peak RSS: train.py {ours_rss / 2**20:.0f} MiB, TRL {trl_rss / 2**20:.0f} MiB",
