@@ -30,6 +30,7 @@ first N prompts beside the base model's in OUT's stem + .generations.jsonl.
 """
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -48,12 +49,14 @@ from precompute import (InputError, atomic_write, autocast, check_flags, check_p
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 group = parser.add_argument_group("Data")
-group.add_argument("--data", required=True, help="held-out pairs, JSONL with prompt/chosen/rejected per line")
+group.add_argument("--data", required=True, help="held-out pairs: a .jsonl, .json or .parquet file, a save_to_disk "
+                   "folder, or a dataset id ID[:CONFIG][@SPLIT] (precompute.read_pairs)")
 group.add_argument("--refs", required=True, help="reference cache of --data written by precompute.py (.safetensors)")
 group = parser.add_argument_group("Model")
 group.add_argument("--model", default=None, help="base model spec; default: reference 1 of --refs")
-group.add_argument("--adapters", nargs="+", default=["base"],
-                   help="policies to evaluate: 'base' (no adapter) and/or directories of LoRA adapters")
+group.add_argument("--policies", "--adapters", dest="adapters", nargs="+", default=["base"],
+                   help="policies to evaluate: 'base' (no adapter), directories of LoRA adapters (train.py's "
+                   "--out-dir), and/or directories of models with an adapter merged into the weights (README)")
 group.add_argument("--dtype", choices=["bf16", "fp32"], default="fp32", help="weights and autocast dtype")
 group.add_argument("--load-in-4bit", action="store_true", help="load the base model in 4 bit (bitsandbytes NF4)")
 group.add_argument("--cache-dir", default=default_cache_dir(), help="where precompute.py caches converted models")
@@ -87,10 +90,18 @@ try:
     alpha = mrpo.parse_alpha(args.alpha, K)  # the same parser as train.py's
 except ValueError as e:
     fail(f"{e} (K={K}: the references in {args.refs})")
+def is_merged(path):
+    """A directory of a whole model (a transformers config.json, no adapter_config.json): an adapter merged in."""
+    config = os.path.join(path, "config.json")
+    return (not os.path.isfile(os.path.join(path, "adapter_config.json")) and os.path.isfile(config)
+            and "model_type" in json.load(open(config)))
+
+
 for path in args.adapters:
-    if path != "base" and not os.path.isfile(os.path.join(path, "adapter_config.json")):
-        fail(f"--adapters {path}: no adapter_config.json there; fix: give the --out-dir of a finished train.py run "
-             f"(or 'base' for the model without adapter)")
+    if path != "base" and not (os.path.isfile(os.path.join(path, "adapter_config.json")) or is_merged(path)):
+        fail(f"--policies {path}: neither adapter_config.json nor a model's config.json there; fix: give the "
+             f"--out-dir of a finished train.py run, a merged model's directory, or 'base' for the model without "
+             f"adapter")
 
 # ----------------------------------------------------------------------------------------------------------------
 # Model: the base model once, every adapter loaded into it by name
@@ -103,8 +114,17 @@ try:
     encoded = encode_pairs(tokenizer, pairs, ref1["max_length"], ref1["max_prompt_length"], args.data)
 except InputError as e:
     fail(e)
+merged = {}  # merged model directory -> its model, loaded beside the base model
+for path in [p for p in args.adapters if p != "base" and is_merged(p)]:
+    try:
+        merged[path], merged_tokenizer = load_model(path, dtype=args.dtype, load_in_4bit=args.load_in_4bit,
+                                                    device=str(device), cache_dir=args.cache_dir)
+        check_same_format(path, merged_tokenizer, ref1, args.refs)
+    except InputError as e:
+        fail(e)
+    merged[path].eval()
 names = {}  # adapter directory -> peft adapter name
-for path in [p for p in args.adapters if p != "base"]:
+for path in [p for p in args.adapters if p != "base" and p not in merged]:
     train_config = os.path.join(path, "config.json")
     trained_on = json.load(open(train_config)).get("model") if os.path.isfile(train_config) else None
     if trained_on not in (None, spec):
@@ -126,12 +146,14 @@ for path in [p for p in args.adapters if p != "base"]:
 model.eval()
 
 
-def policy_context(path):
-    """A context in which `model` is the policy `path`: the base model (adapters off) or base + that adapter."""
-    if path == "base":
-        return model.disable_adapter() if names else torch.no_grad()
-    model.set_adapter(names[path])
-    return torch.no_grad()
+@contextlib.contextmanager
+def policy(path):
+    """The model that is policy `path`, without gradients: a merged model, the base model (adapters off), or base +
+    that adapter."""
+    if path in names:
+        model.set_adapter(names[path])
+    with model.disable_adapter() if path == "base" and names else contextlib.nullcontext(), torch.no_grad():
+        yield merged.get(path, model)
 
 
 @torch.no_grad()
@@ -139,10 +161,10 @@ def policy_logps(path):
     """log pi(y_w|x), log pi(y_l|x) of every pair under policy `path`: (N,), (N,) float32, in data order, scored one
     forward per row of the cache: the base model gives the cached reference-1 log-probs bit for bit."""
     chosen, rejected, mine = torch.zeros(N), torch.zeros(N), []  # mine: the pairs this rank scored
-    with policy_context(path):
+    with policy(path) as pi:
         for row in tqdm(cache["rows"][rank::world], desc=path, leave=False, dynamic_ncols=True, disable=rank != 0):
             with autocast(device, args.dtype):
-                c, r = row_logps(model, encoded, [row])  # (B,), (B,)
+                c, r = row_logps(pi, encoded, [row])  # (B,), (B,)
             chosen[row], rejected[row], mine = c.cpu(), r.cpu(), mine + row
     for idx, c, r in gather((mine, chosen[mine], rejected[mine])):  # every rank's share, on every rank
         chosen[idx], rejected[idx] = c, r
@@ -186,8 +208,8 @@ if args.generate:
                                        args.max_new_tokens)  # the prompt in the model's format, generation prompt on
         row = {"prompt": pairs[i]["prompt"], "chosen": pairs[i]["chosen"], "rejected": pairs[i]["rejected"]}
         for path in ["base"] + [p for p in args.adapters if p != "base"]:
-            with policy_context(path), autocast(device, args.dtype):
-                out = model.generate(input_ids=torch.tensor([prompt_ids], device=device),
+            with policy(path) as pi, autocast(device, args.dtype):
+                out = pi.generate(input_ids=torch.tensor([prompt_ids], device=device),
                                      attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long, device=device),
                                      max_new_tokens=args.max_new_tokens, do_sample=False,
                                      pad_token_id=tokenizer.eos_token_id)

@@ -112,18 +112,34 @@ def _check_pair(row, where):
                         f"fix: remove the row or correct one of them")
 
 
-def read_pairs(path):
-    """The preference pairs of a JSONL file, each validated: [{"prompt", "chosen", "rejected"}] (other keys dropped).
-    The three fields are non-empty strings, or conversational (TRL style): prompt = {"role", "content"} messages
-    ending with a user turn, chosen/rejected = assistant messages. DataError names the file, line and field."""
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: no such file; fix: pass --data a JSONL file with prompt/chosen/rejected rows")
+def read_pairs(spec):
+    """The validated preference pairs of --data: [{"prompt", "chosen", "rejected"}] (other keys dropped). spec is a
+    JSONL, JSON (a list of rows) or Parquet file, a folder written by datasets' save_to_disk, or a Hugging Face
+    dataset id; ID[:CONFIG][@SPLIT] picks a config and a split (default train), FOLDER@SPLIT a split of a saved
+    DatasetDict. Fields are non-empty strings, or conversational (TRL style): prompt = {"role", "content"} messages
+    ending with a user turn, chosen/rejected = assistant messages. A row without a prompt (chosen and rejected are
+    whole conversations or texts, as Anthropic's HH-RLHF is published) is split at their longest common prefix
+    (_split_prompt). DataError names the file, the line or row, and the field."""
+    rows = _jsonl_rows(spec) if spec.endswith(".jsonl") and os.path.isfile(spec) else _dataset_rows(spec)
     pairs = []
+    for where, row in rows:
+        if isinstance(row, dict) and "prompt" not in row and {"chosen", "rejected"} <= set(row):
+            row, where = _split_prompt(row, where), f"{where} (prompt split off chosen/rejected)"
+        _check_pair(row, where)
+        pairs.append({field: row[field] for field in ("prompt", "chosen", "rejected")})
+    if not pairs:
+        raise DataError(f"{spec}: no rows; fix: give at least one prompt/chosen/rejected row")
+    return pairs
+
+
+def _jsonl_rows(path):
+    """(where, row) for every non-blank line of a JSONL file; where = path:line."""
     with open(path, "rb") as f:
         for line, raw in enumerate(f, start=1):
             try:
                 text = raw.decode("utf-8")
-                row = json.loads(text) if text.strip() else None
+                if text.strip():
+                    yield f"{path}:{line}", json.loads(text)
             except UnicodeDecodeError as e:
                 raise DataError(f"{path}:{line}: not UTF-8 ({e.reason} at byte {e.start}); fix: save the file as "
                                 f"UTF-8") from None
@@ -131,12 +147,71 @@ def read_pairs(path):
                 raise DataError(f"{path}:{line}: malformed JSON ({e.msg} at column {e.colno}); fix: each line must "
                                 f"be one JSON object like {{\"prompt\": \"...\", \"chosen\": \"...\", "
                                 f"\"rejected\": \"...\"}}") from None
-            if text.strip():
-                _check_pair(row, f"{path}:{line}")
-                pairs.append({field: row[field] for field in ("prompt", "chosen", "rejected")})
-    if not pairs:
-        raise DataError(f"{path}: no rows; fix: write one JSON object per line")
-    return pairs
+
+
+def _dataset_rows(spec):
+    """(where, row) for every row of a JSON or Parquet file, a save_to_disk folder or a hub dataset (through the
+    datasets library, imported only here); where = "spec: row i" (1-based)."""
+    path, split = (spec, None) if os.path.exists(spec) or "@" not in spec else spec.rsplit("@", 1)
+    name, config = (path, None) if os.path.exists(path) or ":" not in path else path.split(":", 1)
+    if os.path.isfile(path) and not path.endswith((".json", ".parquet")):
+        raise DataError(f"{spec}: unknown kind of file; fix: give a .jsonl, .json or .parquet file, a folder written "
+                        f"by datasets' save_to_disk, or a dataset id")
+    if not os.path.exists(path) and (path.endswith((".jsonl", ".json", ".parquet")) or path.startswith((".", "/"))):
+        raise DataError(f"{spec}: no such file; fix: pass --data a file of prompt/chosen/rejected rows")
+    import datasets
+    datasets.disable_progress_bars()
+    try:
+        if os.path.isfile(path) and path.endswith(".json"):
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+        elif os.path.isfile(path):
+            import pyarrow.parquet
+            data = pyarrow.parquet.read_table(path).to_pylist()
+        elif os.path.isdir(path):
+            data = datasets.load_from_disk(path, keep_in_memory=True)
+        else:
+            data = datasets.load_dataset(name, config, split=split or "train")
+    except Exception as e:  # json, pyarrow, datasets and the hub raise many kinds
+        first = (str(e).splitlines() or [""])[0][:200]
+        raise DataError(f"{spec}: cannot be read as preference data ({type(e).__name__}: {first}); fix: give a .jsonl,"
+                        f" .json or .parquet file, a folder written by datasets' save_to_disk, or a dataset id "
+                        f"ID[:CONFIG][@SPLIT] (the hub needs a connection)") from None
+    if isinstance(data, datasets.DatasetDict):
+        if split not in data:
+            raise DataError(f"{spec}: a dataset of splits {', '.join(data)}; fix: name one, e.g. "
+                            f"{path}@{next(iter(data))}")
+        data = data[split]
+    elif split and os.path.exists(path):
+        raise DataError(f"{spec}: {path} holds one split, so @{split} names nothing; fix: drop @{split}")
+    if not isinstance(data, (list, datasets.Dataset)):
+        raise DataError(f"{spec}: a JSON file must hold a list of rows, got {type(data).__name__}; fix: write "
+                        f"[{{\"prompt\": ..., \"chosen\": ..., \"rejected\": ...}}, ...], or one row per line (.jsonl)")
+    for i, row in enumerate(data if isinstance(data, list) else data.to_list(), start=1):
+        yield f"{spec}: row {i}", row
+
+
+def _split_prompt(row, where):
+    """A row in TRL's implicit-prompt form: the prompt is the longest common prefix of chosen and rejected, in whole
+    messages for conversations; for texts it ends before the last whitespace of that prefix, so that a word they
+    share in part, and the space before it, starts both responses."""
+    chosen, rejected = row["chosen"], row["rejected"]
+    if isinstance(chosen, list) and isinstance(rejected, list):
+        n = 0
+        while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+            n += 1
+    elif isinstance(chosen, str) and isinstance(rejected, str):
+        n = len(os.path.commonprefix([chosen, rejected]))
+        while n > 0 and not chosen[n - 1].isspace():  # back to the end of the last whole word ...
+            n -= 1
+        while n > 0 and chosen[n - 1].isspace():  # ... and before the whitespace that follows it
+            n -= 1
+    else:
+        return row  # _check_pair names the mixed types
+    if n == 0:
+        raise DataError(f"{where}: no 'prompt', and 'chosen' and 'rejected' share no prefix to take it from; fix: add "
+                        f"a 'prompt' field")
+    return {**row, "prompt": chosen[:n], "chosen": chosen[n:], "rejected": rejected[n:]}
 
 
 def pair_fingerprint(pair):
@@ -686,7 +761,8 @@ def score_reference(k, spec, pairs, fingerprints, rows, args, budget):
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     group = parser.add_argument_group("Data")
-    group.add_argument("--data", required=True, help="JSONL preference pairs: prompt/chosen/rejected per line")
+    group.add_argument("--data", required=True, help="preference pairs: a .jsonl, .json or .parquet file, a "
+                       "save_to_disk folder, or a dataset id ID[:CONFIG][@SPLIT] (read_pairs)")
     group.add_argument("--out", required=True, help="output .safetensors file of reference log-probs")
     group.add_argument("--append", action="store_true", help="OUT exists: keep its references (not re-scored) and "
                        "add --refs after them; each call may use its own --dtype and quantization")

@@ -38,6 +38,7 @@ Shapes: B pairs in a (micro-)batch, K references, N pairs of the data. Log-probs
 """
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -62,12 +63,13 @@ from precompute import (InputError, atomic_write, autocast, check_flags, check_p
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 group = parser.add_argument_group("Data")
-group.add_argument("--data", required=True, help="training pairs, JSONL with prompt/chosen/rejected per line")
+group.add_argument("--data", required=True, help="training pairs: a .jsonl, .json or .parquet file, a save_to_disk "
+                   "folder, or a dataset id ID[:CONFIG][@SPLIT] (precompute.read_pairs)")
 group.add_argument("--refs", required=True, help="reference cache of --data written by precompute.py (.safetensors)")
-group.add_argument("--eval-data", default=None, help="held-out pairs (JSONL); needed unless --eval-every 0")
+group.add_argument("--eval-data", default=None, help="held-out pairs (as --data); needed unless --eval-every 0")
 group.add_argument("--eval-refs", default=None, help="reference cache of --eval-data written by precompute.py")
-group.add_argument("--val-data", default=None, help="validation pairs (JSONL) for --alpha vdw, vaw and tsw; keep them "
-                   "apart from --data and --eval-data")
+group.add_argument("--val-data", default=None, help="validation pairs (as --data) for --alpha vdw, vaw and tsw; "
+                   "keep them apart from --data and --eval-data")
 group.add_argument("--val-refs", default=None, help="reference cache of --val-data (for --alpha vdw and vaw)")
 group.add_argument("--use-refs", default=None, help="comma-separated 1-based indices of the cache's references that "
                    "the loss uses, in that order (default: all). The policy still starts as reference 1 of the "
@@ -131,6 +133,9 @@ group.add_argument("--log-every", type=int, default=1, help="write a metrics rec
 group.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps (and at the end)")
 group.add_argument("--stop-after", type=int, default=None, help="end the process after this step, as if it were "
                    "killed, without changing the schedule (to split a run in pieces; continue with --resume)")
+group.add_argument("--report-to", choices=["none", "tensorboard", "wandb"], default="none", help="also log the "
+                   "metrics to TensorBoard (--out-dir/tensorboard/) or Weights & Biases (installed by you; "
+                   "WANDB_PROJECT, default mrpo), under TRL's names train/<metric> and eval/<metric>")
 group.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1 ...")
 args = parser.parse_args()
 check_flags(args, lora_r="int>=1", lora_alpha=">0", lora_dropout="[0,1)", beta=">0", window="int>=1",
@@ -145,8 +150,8 @@ device = resolve_device(args.device)  # under torchrun on GPUs: cuda:LOCAL_RANK
 for wrong, message in [  # flags that contradict each other, or miss the files they need
         (args.no_clip and args.eps is not None, f"--eps {args.eps} sets the CTRO trust region, which --no-clip turns "
          f"off; fix: drop one of --eps and --no-clip"),
-        (args.eval_refs and not args.eval_data, "--eval-refs needs --eval-data (the JSONL file of the cache)"),
-        (args.val_refs and not args.val_data, "--val-refs needs --val-data (the JSONL file of the cache)"),
+        (args.eval_refs and not args.eval_data, "--eval-refs needs --eval-data (the data of the cache)"),
+        (args.val_refs and not args.val_data, "--val-refs needs --val-data (the data of the cache)"),
         (args.eval_every and not (args.eval_data and args.eval_refs), "no held-out set: pass --eval-data TEST.jsonl "
          "and --eval-refs its cache (python precompute.py --data TEST.jsonl --out CACHE.safetensors), or "
          "--eval-every 0 to train without evaluation"),
@@ -163,11 +168,13 @@ for wrong, message in [  # flags that contradict each other, or miss the files t
         (args.resume and args.overwrite, "--resume continues the run in --out-dir, --overwrite deletes it; fix: "
          "choose one"),
         (args.label_smoothing and args.loss_type in ("ipo", "hinge"), f"--label-smoothing is the flip rate of "
-         f"--loss-type sigmoid (cDPO) or robust (rDPO), not of {args.loss_type}; fix: drop it")]:
+         f"--loss-type sigmoid (cDPO) or robust (rDPO), not of {args.loss_type}; fix: drop it"),
+        (args.report_to != "none" and not importlib.util.find_spec(args.report_to), f"--report-to {args.report_to}: "
+         f"the {args.report_to} package is not installed; fix: pip install {args.report_to}, or drop the flag")]:
     if wrong:
         fail(message)
 previous_run = [n for n in os.listdir(args.out_dir) if n.startswith(("checkpoint-", ".tmp-")) or n in (
-    "latest", "metrics.jsonl", "adapter_config.json", "adapter_model.safetensors")]
+    "latest", "metrics.jsonl", "adapter_config.json", "adapter_model.safetensors", "tensorboard")]
 if previous_run and not (args.resume or args.overwrite):  # nothing of another run is deleted without being asked
     fail(f"{args.out_dir} holds another run ({', '.join(sorted(previous_run)[:4])}); fix: --resume to continue it, "
          f"--overwrite to delete it and start afresh, or another --out-dir")
@@ -528,10 +535,34 @@ def start_fresh():
         shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
 
 
+def open_reporter(kind, step):
+    """--report-to: a function that sends a metrics record to TensorBoard or W&B (None for none), under TRL's names:
+    train/<name>, and eval/<name> for what metrics.jsonl calls eval_<name>. A resumed run continues the same curves."""
+    if kind == "none":
+        return None
+    scalars = lambda record: {(f"eval/{k[5:]}" if k.startswith("eval_") else f"train/{k}"): v  # noqa: E731
+                              for k, v in record.items() if k != "step" and type(v) in (int, float)}
+    if kind == "tensorboard":
+        from torch.utils.tensorboard import SummaryWriter
+        writer = SummaryWriter(os.path.join(args.out_dir, "tensorboard"), purge_step=step or None)
+
+        def report(record):
+            for name, value in scalars(record).items():
+                writer.add_scalar(name, value, record["step"])
+            writer.flush()
+        return report
+    import wandb
+    run = wandb.init(project=os.environ.get("WANDB_PROJECT", "mrpo"), dir=args.out_dir, config=config,
+                     name=os.path.basename(os.path.abspath(args.out_dir)))
+    return lambda record: run.log(scalars(record), step=record["step"])
+
+
 def log(record):
     if rank == 0:
         metrics_file.write(json.dumps(record) + "\n")
         metrics_file.flush()
+        if reporter:
+            reporter(record)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -542,7 +573,7 @@ if not args.resume and rank == 0:
 step = resume() if args.resume else 0
 if rank == 0:  # under torchrun rank 0 writes every file (config, metrics, checkpoints, adapter); the others none
     write_json(os.path.join(args.out_dir, "config.json"), config)
-    metrics_file = open(metrics_path, "a")
+    metrics_file, reporter = open(metrics_path, "a"), open_reporter(args.report_to, step)
     print(f"train.py: {args.loss} on {N} pairs, K={K} references ({', '.join(names)}), policy {spec} + LoRA "
           f"r={args.lora_r} ({config['trainable_params'] / 1e6:.2f}M trainable), {total_steps} steps of "
           f"{args.batch_size} pairs ({rows_per_step} rows of {row_pairs}), {args.dtype}"
