@@ -38,6 +38,7 @@ import functools
 import hashlib
 import importlib.util
 import json
+import math
 import os
 import re
 import shutil
@@ -86,50 +87,108 @@ def _check_messages(value, where, last_role):
         raise DataError(f"{where} is an empty response; fix: remove the row or write the response")
 
 
+def _check_field(row, field, where, last_role):
+    """One text field: a non-empty string, or a message list (_check_messages)."""
+    value = row[field] if isinstance(field, str) else row["completions"][field]
+    name = field if isinstance(field, str) else f"completions[{field}]"
+    if not isinstance(value, (str, list)):
+        raise DataError(f"{where}: field '{name}' must be a string (or a list of {{\"role\", \"content\"}} messages), "
+                        f"got {type(value).__name__}; fix: quote the text")
+    if isinstance(value, list):
+        _check_messages(value, f"{where}: field '{name}'", last_role)
+    elif value.strip() == "":
+        raise DataError(f"{where}: field '{name}' is {'an empty prompt' if name == 'prompt' else 'an empty response'}; "
+                        f"fix: remove the row or write the text")
+    return type(value)
+
+
 def _check_pair(row, where):
     """prompt, chosen and rejected: all non-empty strings, or all message lists, and chosen != rejected."""
-    if not isinstance(row, dict):
-        raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}; fix: write "
-                        f"{{\"prompt\": ..., \"chosen\": ..., \"rejected\": ...}}")
     for field in ("prompt", "chosen", "rejected"):
         if field not in row:
             raise DataError(f"{where}: field '{field}' is missing; fix: every row needs 'prompt', 'chosen' and "
-                            f"'rejected'")
-        if not isinstance(row[field], (str, list)):
-            raise DataError(f"{where}: field '{field}' must be a string (or a list of {{\"role\", \"content\"}} "
-                            f"messages), got {type(row[field]).__name__}; fix: quote the text")
-    if len({type(row[field]) for field in ("prompt", "chosen", "rejected")}) > 1:
+                            f"'rejected' (or 'prompt', 'completions' and 'scores' for a set)")
+    if len({_check_field(row, f, where, "assistant" if f != "prompt" else "user") for f in ("prompt", "chosen",
+                                                                                           "rejected")}) > 1:
         raise DataError(f"{where}: fields 'prompt', 'chosen', 'rejected' mix strings and message lists; fix: use "
                         f"strings for all three or message lists for all three")
-    for field, last_role in (("prompt", "user"), ("chosen", "assistant"), ("rejected", "assistant")):
-        if isinstance(row[field], list):
-            _check_messages(row[field], f"{where}: field '{field}'", last_role)
-        elif row[field].strip() == "":
-            what = "an empty prompt" if field == "prompt" else "an empty response"
-            raise DataError(f"{where}: field '{field}' is {what}; fix: remove the row or write the text")
     if row["chosen"] == row["rejected"]:
         raise DataError(f"{where}: fields 'chosen' and 'rejected' are identical, so the pair states no preference; "
                         f"fix: remove the row or correct one of them")
 
 
-def read_pairs(spec):
-    """The validated preference pairs of --data: [{"prompt", "chosen", "rejected"}] (other keys dropped). spec is a
-    JSONL, JSON (a list of rows) or Parquet file, a folder written by datasets' save_to_disk, or a Hugging Face
-    dataset id; ID[:CONFIG][@SPLIT] picks a config and a split (default train), FOLDER@SPLIT a split of a saved
-    DatasetDict. Fields are non-empty strings, or conversational (TRL style): prompt = {"role", "content"} messages
-    ending with a user turn, chosen/rejected = assistant messages. A row without a prompt (chosen and rejected are
+def _check_set(row, where):
+    """prompt, completions (N >= 2 responses) and scores (N finite numbers), texts all strings or all messages."""
+    for field in ("prompt", "completions", "scores"):
+        if field not in row:
+            raise DataError(f"{where}: field '{field}' is missing; fix: a set needs 'prompt', 'completions' (a list of "
+                            f"responses) and 'scores' (a number for each, higher is better)")
+    completions, scores = row["completions"], row["scores"]
+    if not isinstance(completions, list) or len(completions) < 2:
+        raise DataError(f"{where}: field 'completions' must be a list of at least 2 responses, got "
+                        f"{len(completions) if isinstance(completions, list) else type(completions).__name__}; "
+                        f"fix: give every prompt two responses or more")
+    if not isinstance(scores, list) or len(scores) != len(completions):
+        raise DataError(f"{where}: field 'scores' must be a list of {len(completions)} numbers, one per completion, "
+                        f"got {len(scores) if isinstance(scores, list) else type(scores).__name__}; fix: score each "
+                        f"completion")
+    for j, score in enumerate(scores):
+        if type(score) not in (int, float) or not math.isfinite(score):
+            raise DataError(f"{where}: field 'scores[{j}]' is {score!r}, not a finite number; fix: give every "
+                            f"completion a finite score (higher is better)")
+    kinds = {_check_field(row, "prompt", where, "user")} | {_check_field(row, j, where, "assistant")
+                                                            for j in range(len(completions))}
+    if len(kinds) > 1:
+        raise DataError(f"{where}: fields 'prompt' and 'completions' mix strings and message lists; fix: use strings "
+                        f"for all or message lists for all")
+
+
+def read_data(spec):
+    """(kind, rows) of --data: "pairs" [{"prompt", "chosen", "rejected"}] or "sets" [{"prompt", "completions",
+    "scores"}] (N >= 2 responses, a finite score each, higher is better), other keys dropped, one kind per file.
+    spec is a JSONL, JSON (a list of rows) or Parquet file, a folder written by datasets' save_to_disk, or a Hugging
+    Face dataset id; ID[:CONFIG][@SPLIT] picks a config and a split (default train), FOLDER@SPLIT a split of a saved
+    DatasetDict. Texts are non-empty strings, or conversational (TRL style): prompt = {"role", "content"} messages
+    ending with a user turn, responses = assistant messages. A pair row without a prompt (chosen and rejected are
     whole conversations or texts, as Anthropic's HH-RLHF is published) is split at their longest common prefix
     (_split_prompt). DataError names the file, the line or row, and the field."""
-    rows = _jsonl_rows(spec) if spec.endswith(".jsonl") and os.path.isfile(spec) else _dataset_rows(spec)
-    pairs = []
-    for where, row in rows:
-        if isinstance(row, dict) and "prompt" not in row and {"chosen", "rejected"} <= set(row):
+    rows, kind = [], None
+    for where, row in _jsonl_rows(spec) if spec.endswith(".jsonl") and os.path.isfile(spec) else _dataset_rows(spec):
+        if not isinstance(row, dict):
+            raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}; fix: write "
+                            f"{{\"prompt\": ..., \"chosen\": ..., \"rejected\": ...}}")
+        this = "sets" if "completions" in row or "scores" in row else "pairs"
+        if kind not in (None, this):
+            raise DataError(f"{where}: a row of {this} in a file of {kind}; fix: one kind per file (a pair is the set "
+                            f"{{chosen: 1, rejected: 0}})")
+        if this == "pairs" and "prompt" not in row and {"chosen", "rejected"} <= set(row):
             row, where = _split_prompt(row, where), f"{where} (prompt split off chosen/rejected)"
-        _check_pair(row, where)
-        pairs.append({field: row[field] for field in ("prompt", "chosen", "rejected")})
-    if not pairs:
+        (_check_pair if this == "pairs" else _check_set)(row, where)
+        fields = ("prompt", "chosen", "rejected") if this == "pairs" else ("prompt", "completions", "scores")
+        rows.append({field: row[field] for field in fields})
+        kind = this
+    if not rows:
         raise DataError(f"{spec}: no rows; fix: give at least one prompt/chosen/rejected row")
-    return pairs
+    return kind, rows
+
+
+def read_pairs(spec):
+    """The pairs of --data (read_data); DataError if it holds sets."""
+    kind, rows = read_data(spec)
+    if kind == "sets":
+        raise DataError(f"{spec} holds sets of scored completions, not pairs; fix: give pairs here")
+    return rows
+
+
+def as_sets(rows):
+    """Rows of either kind as sets: a pair is the set (chosen, rejected) with scores (1, 0)."""
+    return [r if "completions" in r else {"prompt": r["prompt"], "completions": [r["chosen"], r["rejected"]],
+                                          "scores": [1.0, 0.0]} for r in rows]
+
+
+def responses(row):
+    """The responses of a row in order: (chosen, rejected) of a pair, the completions of a set."""
+    return [row["chosen"], row["rejected"]] if "chosen" in row else row["completions"]
 
 
 def _jsonl_rows(path):
@@ -214,10 +273,12 @@ def _split_prompt(row, where):
     return {**row, "prompt": chosen[:n], "chosen": chosen[n:], "rejected": rejected[n:]}
 
 
-def pair_fingerprint(pair):
-    """sha256 (first 16 hex digits) of the canonical JSON of (prompt, chosen, rejected)."""
-    return _sha(json.dumps([pair["prompt"], pair["chosen"], pair["rejected"]], ensure_ascii=False, sort_keys=True,
-                           separators=(",", ":")))
+def pair_fingerprint(row):
+    """sha256 (first 16 hex digits) of the canonical JSON of (prompt, chosen, rejected), or of a set's (prompt,
+    completions, scores)."""
+    fields = [row["prompt"], row["chosen"], row["rejected"]] if "chosen" in row else [row["prompt"],
+                                                                                      row["completions"], row["scores"]]
+    return _sha(json.dumps(fields, ensure_ascii=False, sort_keys=True, separators=(",", ":")))
 
 
 def _sha(text):
@@ -352,19 +413,21 @@ def _refuse_special_text(tokenizer, text):
                              f"token; fix: remove or escape it")
 
 
-def encode_pairs(tokenizer, pairs, max_length=512, max_prompt_length=256, path=None):
-    """[(chosen Encoded, rejected Encoded)] of every pair; DataError naming the file (path), row and field that
-    encode() refuses (a prompt with the text of a special token is refused too)."""
+def encode_pairs(tokenizer, rows, max_length=512, max_prompt_length=256, path=None):
+    """A tuple of Encoded for every row, one per response (responses()): (chosen, rejected) of a pair, the
+    completions of a set; DataError naming the file (path), row and field that encode() refuses (a prompt with the
+    text of a special token is refused too)."""
     out = []
-    for i, p in enumerate(pairs):
-        field, pair = "prompt", []
+    for i, row in enumerate(rows):
+        field, group = "prompt", []
         try:
-            _refuse_special_text(tokenizer, p["prompt"])
-            for field in ("chosen", "rejected"):
-                pair.append(encode(tokenizer, p["prompt"], p[field], max_length, max_prompt_length))
+            _refuse_special_text(tokenizer, row["prompt"])
+            for j, response in enumerate(responses(row)):
+                field = ("chosen", "rejected")[j] if "chosen" in row else f"completions[{j}]"
+                group.append(encode(tokenizer, row["prompt"], response, max_length, max_prompt_length))
         except ValueError as e:
             raise DataError(f"{path or 'the data'}, row {i + 1}, field {field!r}: {e}") from None
-        out.append(tuple(pair))
+        out.append(tuple(group))
     return out
 
 
@@ -380,47 +443,50 @@ def generation_prompt(tokenizer, prompt, max_length=512, max_prompt_length=256, 
 # ----------------------------------------------------------------------------------------------------------------
 # Scoring: prefix sharing, packed pairs, log-probs at the scored positions only (docs/packing.md)
 
-def shared_prefix(chosen, rejected):
-    """How many leading tokens a pair's two sequences share and compute once: their common prefix, capped at
-    min(chosen.start, rejected.start) (under truncation or a straddled token the two prompts can differ)."""
-    return _common_prefix(chosen.ids[:min(chosen.start, rejected.start)], rejected.ids)
+def shared_prefix(*encoded):
+    """How many leading tokens the sequences of a pair (or a set) share and compute once: their common prefix, capped
+    at the earliest response start (under truncation or a straddled token the prompts can differ)."""
+    first = encoded[0].ids[:min(e.start for e in encoded)]
+    return min(_common_prefix(first, e.ids) for e in encoded[1:])
+
+
+def _packed_length(group):
+    return sum(len(e.ids) for e in group) - (len(group) - 1) * shared_prefix(*group)
 
 
 class PackedRow(NamedTuple):
     input_ids: torch.Tensor  # (1, L) the pairs of the row, each as [shared prompt][chosen rest][rejected rest]
     position_ids: torch.Tensor  # (1, L) each branch continues from its pair's shared length
-    pair: torch.Tensor  # (L,) index of the token's pair within the row
-    branch: torch.Tensor  # (L,) 0 shared prompt, 1 chosen, 2 rejected
+    pair: torch.Tensor  # (L,) index of the token's pair (or set) within the row
+    branch: torch.Tensor  # (L,) 0 shared prompt, 1 chosen, 2 rejected (j + 1 for the j-th response of a set)
     predictors: torch.Tensor  # (n,) row positions whose output predicts a scored token
     targets: torch.Tensor  # (n,) the scored tokens
-    sequence: torch.Tensor  # (n,) which sequence each scored token belongs to: 2 * pair + (0 chosen | 1 rejected)
+    sequence: torch.Tensor  # (n,) which response of the row each scored token belongs to (0, 1, ... in order)
     spans: list  # [(begin, end)] the row offsets of each pair, in order
 
 
 def pack_row(encoded_pairs):
-    """Lay out pairs (chosen Encoded, rejected Encoded) in one row of tokens, without padding (see PackedRow).
+    """Lay out pairs (chosen Encoded, rejected Encoded), or sets of any size, in one row of tokens, without padding.
 
-    Token t of the chosen sequence sits at row offset t of its pair, token t >= P of the rejected one at
-    len(chosen) + t - P (P = shared_prefix); token t is predicted by the output at token t-1 of the same sequence,
-    which for t = P is the last shared token. Tokens t >= max(start, 1) are scored.
+    Token t of a pair's first sequence sits at row offset t of the pair; token t >= P of each later one after the
+    sequences before it, at its own offset + t - P (P = shared_prefix); token t is predicted by the output at token
+    t-1 of the same sequence, which for t = P is the last shared token. Tokens t >= max(start, 1) are scored.
     """
-    ids, pos, pair, branch, predictors, targets, sequence, spans = [], [], [], [], [], [], [], []
-    for i, (c, r) in enumerate(encoded_pairs):
-        P, base = shared_prefix(c, r), len(ids)
-        rejected_base = base + len(c.ids) - P  # rejected token t >= P sits at rejected_base + t
-        ids += c.ids + r.ids[P:]
+    ids, pos, pair, branch, predictors, targets, sequence, spans, count = [], [], [], [], [], [], [], [], 0
+    for i, group in enumerate(encoded_pairs):
+        P, base = shared_prefix(*group), len(ids)
+        for j, e in enumerate(group):
+            at = base if j == 0 else len(ids) - P  # token t >= P of this sequence sits at at + t
+            ids += e.ids if j == 0 else e.ids[P:]
+            pos += list(range(0 if j == 0 else P, len(e.ids)))
+            branch += [0] * P + [j + 1] * (len(e.ids) - P) if j == 0 else [j + 1] * (len(e.ids) - P)
+            for t in range(max(e.start, 1), len(e.ids)):
+                predictors.append(at + t - 1 if t > P else base + t - 1)
+                targets.append(e.ids[t])
+                sequence.append(count + j)
+        pair += [i] * (len(ids) - base)
         spans.append((base, len(ids)))
-        pos += list(range(len(c.ids))) + list(range(P, len(r.ids)))
-        pair += [i] * (len(c.ids) + len(r.ids) - P)
-        branch += [0] * P + [1] * (len(c.ids) - P) + [2] * (len(r.ids) - P)
-        for t in range(max(c.start, 1), len(c.ids)):
-            predictors.append(base + t - 1)
-            targets.append(c.ids[t])
-            sequence.append(2 * i)
-        for t in range(max(r.start, 1), len(r.ids)):
-            predictors.append(rejected_base + t - 1 if t > P else base + t - 1)
-            targets.append(r.ids[t])
-            sequence.append(2 * i + 1)
+        count += len(group)
     long = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731
     return PackedRow(long([ids]), long([pos]), long(pair), long(branch), long(predictors), long(targets),
                      long(sequence), spans)
@@ -466,10 +532,10 @@ def token_logps(model, hidden, targets, chunk=1 << 22):
 
 
 def pair_rows(encoded_pairs, row_tokens):
-    """Split pairs, in order, into forwards of at most row_tokens tokens (a longer pair gets one of its own)."""
+    """Split pairs (or sets), in order, into forwards of at most row_tokens tokens (a longer one gets its own)."""
     rows, length = [], row_tokens + 1
-    for i, (c, r) in enumerate(encoded_pairs):
-        n = len(c.ids) + len(r.ids) - shared_prefix(c, r)
+    for i, group in enumerate(encoded_pairs):
+        n = _packed_length(group)
         if length + n > row_tokens:
             rows.append([])
             length = 0
@@ -513,7 +579,13 @@ def use_pairwise_attention(model):
 
 
 def pair_logps(model, encoded_pairs, row_tokens=ROW_TOKENS):
-    """Summed response log-probs of B pairs: (chosen (B,), rejected (B,)), float32, differentiable.
+    """Summed response log-probs of B pairs: (chosen (B,), rejected (B,)), float32, differentiable (response_logps)."""
+    sums = response_logps(model, encoded_pairs, row_tokens)
+    return sums[0::2], sums[1::2]
+
+
+def response_logps(model, encoded_pairs, row_tokens=ROW_TOKENS):
+    """Summed log-probs of every response of B pairs or sets, in order: (responses,) float32, differentiable.
 
     Exactly what a forward of each sequence alone gives, on fewer tokens: each pair's shared prompt runs once with
     both responses after it (prefix sharing), the pairs are packed into forwards of at most row_tokens tokens (no
@@ -523,7 +595,10 @@ def pair_logps(model, encoded_pairs, row_tokens=ROW_TOKENS):
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     use_pairwise_attention(base)
     decoder, device = base.get_decoder(), base.get_output_embeddings().weight.device
-    sums = torch.zeros(2 * len(encoded_pairs), dtype=torch.float32, device=device)  # (2B,) chosen_0, rejected_0, ...
+    first = [0]  # first[i]: the index in sums of pair i's first response
+    for group in encoded_pairs:
+        first.append(first[-1] + len(group))
+    sums = torch.zeros(first[-1], dtype=torch.float32, device=device)  # (2B,) chosen_0, rejected_0, ... for pairs
     for idx in pair_rows(encoded_pairs, row_tokens):
         row = pack_row([encoded_pairs[i] for i in idx])
         mask = attention_mask(base.config, row)
@@ -531,9 +606,9 @@ def pair_logps(model, encoded_pairs, row_tokens=ROW_TOKENS):
         hidden = decoder(input_ids=row.input_ids.to(device), position_ids=row.position_ids.to(device),
                          attention_mask=mask, pair_spans=row.spans, use_cache=False).last_hidden_state[0]  # (L, H)
         logps = token_logps(base, hidden[row.predictors.to(device)], row.targets.to(device))  # (n,)
-        sequence = 2 * torch.tensor(idx)[row.sequence // 2] + row.sequence % 2  # (n,) index into sums
+        sequence = torch.tensor([k for i in idx for k in range(first[i], first[i + 1])])[row.sequence]  # into sums
         sums = sums.index_add(0, sequence.to(device), logps)
-    return sums[0::2], sums[1::2]
+    return sums
 
 
 def canonical_rows(n, pairs_per_row, seed=0):
@@ -552,7 +627,7 @@ def row_logps(model, encoded_pairs, rows):
 
 def length_order(encoded_pairs):
     """Pair indices, longest packed pair first (ties by index): neighbouring pairs fill rows alike. Deterministic."""
-    size = [len(c.ids) + len(r.ids) - shared_prefix(c, r) for c, r in encoded_pairs]
+    size = [_packed_length(group) for group in encoded_pairs]
     return sorted(range(len(size)), key=lambda i: (-size[i], i))
 
 
