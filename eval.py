@@ -42,15 +42,17 @@ from tqdm import tqdm
 import mrpo
 from precompute import (InputError, atomic_write, autocast, check_flags, check_paths, check_same_format,
                         default_cache_dir, encode_pairs, fail, finish_distributed, gather, generation_prompt,
-                        init_distributed, load_cache, load_model, read_pairs, resolve_device, row_logps)
+                        init_distributed, load_cache, load_model, read_data, resolve_device, response_logps)
 
 # ----------------------------------------------------------------------------------------------------------------
 # Config
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 group = parser.add_argument_group("Data")
-group.add_argument("--data", required=True, help="held-out pairs: a .jsonl, .json or .parquet file, a save_to_disk "
-                   "folder, or a dataset id ID[:CONFIG][@SPLIT] (precompute.read_pairs)")
+group.add_argument("--data", required=True, help="held-out pairs or sets of scored completions: a .jsonl, .json "
+                   "or .parquet file, a save_to_disk folder, or a dataset id ID[:CONFIG][@SPLIT] (read_data)")
+group.add_argument("--set-pairs", choices=["all", "best_worst"], default=None, help="sets as pairs, as precompute.py "
+                   "--set-pairs made the cache")
 group.add_argument("--refs", required=True, help="reference cache of --data written by precompute.py (.safetensors)")
 group = parser.add_argument_group("Model")
 group.add_argument("--model", default=None, help="base model spec; default: reference 1 of --refs")
@@ -80,12 +82,17 @@ t_start = time.time()
 rank, world = init_distributed()  # under torchrun: each rank scores every world-th row, rank 0 writes; else (0, 1)
 device = resolve_device(args.device)  # under torchrun on GPUs: cuda:LOCAL_RANK
 try:
-    pairs = read_pairs(args.data)
+    kind, pairs = read_data(args.data, args.set_pairs)
     cache = load_cache(args.refs, pairs, args.data)
 except InputError as e:
     fail(e)
-ref_chosen_logps, ref_rejected_logps = cache["chosen_logps"], cache["rejected_logps"]  # (K, N)
-(K, N), ref1 = ref_chosen_logps.shape, cache["refs"][0]
+sets = kind == "sets"  # sets of scored completions: ranking metrics (mrpo.set_ranking_metrics)
+if sets:
+    ref_logps, scores, mask = cache["logps"], cache["scores"], cache["mask"]  # (K, N, W), (N, W), (N, W)
+else:
+    ref_chosen_logps, ref_rejected_logps = cache["chosen_logps"], cache["rejected_logps"]  # (K, N)
+K, N = cache["logps" if sets else "chosen_logps"].shape[:2]
+ref1 = cache["refs"][0]
 try:
     alpha = mrpo.parse_alpha(args.alpha, K)  # the same parser as train.py's
 except ValueError as e:
@@ -158,17 +165,21 @@ def policy(path):
 
 @torch.no_grad()
 def policy_logps(path):
-    """log pi(y_w|x), log pi(y_l|x) of every pair under policy `path`: (N,), (N,) float32, in data order, scored one
-    forward per row of the cache: the base model gives the cached reference-1 log-probs bit for bit."""
-    chosen, rejected, mine = torch.zeros(N), torch.zeros(N), []  # mine: the pairs this rank scored
+    """log pi(y|x) of every response under policy `path`, in data order: (N, W) float32 (0 after a set's last
+    completion; W = 2 for pairs: chosen, rejected), scored one forward per row of the cache: the base model gives
+    the cached reference-1 log-probs bit for bit."""
+    width = ref_logps.shape[2] if sets else 2
+    out, mine = torch.zeros(N, width), []  # mine: the rows this rank scored
     with policy(path) as pi:
         for row in tqdm(cache["rows"][rank::world], desc=path, leave=False, dynamic_ncols=True, disable=rank != 0):
             with autocast(device, args.dtype):
-                c, r = row_logps(pi, encoded, [row])  # (B,), (B,)
-            chosen[row], rejected[row], mine = c.cpu(), r.cpu(), mine + row
-    for idx, c, r in gather((mine, chosen[mine], rejected[mine])):  # every rank's share, on every rank
-        chosen[idx], rejected[idx] = c, r
-    return chosen, rejected
+                flat = response_logps(pi, [encoded[i] for i in row]).cpu()
+            for i, x in zip(row, flat.split([len(encoded[i]) for i in row])):
+                out[i, :len(x)] = x
+            mine += row
+    for idx, x in gather((mine, out[mine])):  # every rank's share, on every rank
+        out[idx] = x
+    return out
 
 
 def accuracy(chosen, rejected, beta=1.0):
@@ -180,9 +191,29 @@ def accuracy(chosen, rejected, beta=1.0):
 # ----------------------------------------------------------------------------------------------------------------
 # Evaluate every policy
 
+def ranking(values, beta=1.0):
+    """Sets: mrpo.set_ranking_metrics of (N, W) values, each a mean over the sets that have a preference."""
+    m = mrpo.set_ranking_metrics(values, scores, mask, beta)
+    has = m["has_preference"]
+    return {k: float(m[k][has].mean()) for k in ("pairwise_accuracy", "top1_accuracy", "kendall_tau_b")}
+
+
+def set_results(logps):
+    """Sets: the ranking metrics of a policy's (N, W) log-probs as implicit rewards against reference 1 and the
+    virtual reference (mrpo_set_loss's rewards), and of the log-probs themselves (own/)."""
+    virtual = mrpo.mrpo_set_loss(logps, ref_logps, scores, mask, args.beta, alpha=alpha, eps_max=args.eps_max,
+                                 eps=args.eps, clip=not args.no_clip)[1]
+    return {**{f"ref1/{k}": v for k, v in ranking(args.beta * (logps - ref_logps[0]), args.beta).items()},
+            **{f"virtual/{k}": v for k, v in ranking(virtual, args.beta).items()},
+            **{f"own/{k}": v for k, v in ranking(logps).items()}}
+
+
 results = {}
 for path in tqdm(args.adapters, desc="policies", dynamic_ncols=True, disable=rank != 0):
-    pc, pr = policy_logps(path)
+    if sets:
+        results[path] = set_results(policy_logps(path))
+        continue
+    pc, pr = policy_logps(path).unbind(1)
     ref1_chosen, ref1_rejected = args.beta * (pc - ref_chosen_logps[0]), args.beta * (pr - ref_rejected_logps[0])
     _, virtual_chosen, virtual_rejected = mrpo.mrpo_loss(pc, pr, ref_chosen_logps, ref_rejected_logps, args.beta,
                                                          alpha=alpha, eps_max=args.eps_max, eps=args.eps,
@@ -193,9 +224,11 @@ for path in tqdm(args.adapters, desc="policies", dynamic_ncols=True, disable=ran
         "virtual/accuracy": accuracy(virtual_chosen, virtual_rejected, args.beta),
         "virtual/margin": float((virtual_chosen - virtual_rejected).mean()),
         "own/accuracy": accuracy(pc, pr), "logps/chosen": float(pc.mean()), "logps/rejected": float(pr.mean())}
-references = [{"name": r["name"], "accuracy": accuracy(ref_chosen_logps[k], ref_rejected_logps[k]),
-               "logps/chosen": float(ref_chosen_logps[k].mean()),
-               "logps/rejected": float(ref_rejected_logps[k].mean())} for k, r in enumerate(cache["refs"])]
+references = [{"name": r["name"], **({"accuracy": accuracy(ref_chosen_logps[k], ref_rejected_logps[k]),
+                                      "logps/chosen": float(ref_chosen_logps[k].mean()),
+                                      "logps/rejected": float(ref_rejected_logps[k].mean())} if not sets else
+                                     {f"own/{name}": v for name, v in ranking(ref_logps[k]).items()})}
+              for k, r in enumerate(cache["refs"])]
 if world > 1:  # under torchrun the other ranks are done (they scored their share); rank 0 generates and writes
     finish_distributed()
     if rank != 0:
@@ -206,7 +239,7 @@ if args.generate:
     for i in tqdm(range(min(args.generate, N)), desc="generate", dynamic_ncols=True):
         prompt_ids = generation_prompt(tokenizer, pairs[i]["prompt"], ref1["max_length"], ref1["max_prompt_length"],
                                        args.max_new_tokens)  # the prompt in the model's format, generation prompt on
-        row = {"prompt": pairs[i]["prompt"], "chosen": pairs[i]["chosen"], "rejected": pairs[i]["rejected"]}
+        row = dict(pairs[i])
         for path in ["base"] + [p for p in args.adapters if p != "base"]:
             with policy(path) as pi, autocast(device, args.dtype):
                 out = pi.generate(input_ids=torch.tensor([prompt_ids], device=device),
@@ -229,11 +262,20 @@ with atomic_write(args.out, "w") as f:
 # The table
 
 width = max(len(p) for p in args.adapters + ["policy"])
-print(f"{'policy':<{width}}  acc(ref1)  margin(ref1)  acc(virtual)  margin(virtual)  acc(own log-prob)")
-for path, r in results.items():
-    print(f"{path:<{width}}  {r['ref1/accuracy']:9.3f}  {r['ref1/margin']:12.4f}  {r['virtual/accuracy']:12.3f}  "
-          f"{r['virtual/margin']:15.4f}  {r['own/accuracy']:17.3f}")
-print("references (own accuracy: log-prob of chosen > rejected): "
-      + ", ".join(f"{r['name']} {r['accuracy']:.3f}" for r in references))
+if sets:
+    print(f"{'policy':<{width}}  pairwise/top-1/tau vs ref1  vs virtual reference  own log-probs")
+    for path, r in results.items():
+        print(f"{path:<{width}}  " + "  ".join(" ".join(f"{r[f'{s}/{k}']:6.3f}" for k in (
+            "pairwise_accuracy", "top1_accuracy", "kendall_tau_b")) for s in ("ref1", "virtual", "own")))
+    print("references (own pairwise accuracy, top-1, tau): " + ", ".join(
+        f"{r['name']} {r['own/pairwise_accuracy']:.3f} {r['own/top1_accuracy']:.3f} {r['own/kendall_tau_b']:.3f}"
+        for r in references))
+else:
+    print(f"{'policy':<{width}}  acc(ref1)  margin(ref1)  acc(virtual)  margin(virtual)  acc(own log-prob)")
+    for path, r in results.items():
+        print(f"{path:<{width}}  {r['ref1/accuracy']:9.3f}  {r['ref1/margin']:12.4f}  {r['virtual/accuracy']:12.3f}  "
+              f"{r['virtual/margin']:15.4f}  {r['own/accuracy']:17.3f}")
+    print("references (own accuracy: log-prob of chosen > rejected): "
+          + ", ".join(f"{r['name']} {r['accuracy']:.3f}" for r in references))
 print(f"eval.py: {len(results)} policies on {N} pairs of {args.data} in {time.time() - t_start:.0f}s -> {args.out}"
       + (f", generations in {generations_path}" if generations_path else ""))

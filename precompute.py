@@ -143,7 +143,7 @@ def _check_set(row, where):
                         f"for all or message lists for all")
 
 
-def read_data(spec):
+def read_data(spec, set_pairs=None):
     """(kind, rows) of --data: "pairs" [{"prompt", "chosen", "rejected"}] or "sets" [{"prompt", "completions",
     "scores"}] (N >= 2 responses, a finite score each, higher is better), other keys dropped, one kind per file.
     spec is a JSONL, JSON (a list of rows) or Parquet file, a folder written by datasets' save_to_disk, or a Hugging
@@ -151,7 +151,8 @@ def read_data(spec):
     DatasetDict. Texts are non-empty strings, or conversational (TRL style): prompt = {"role", "content"} messages
     ending with a user turn, responses = assistant messages. A pair row without a prompt (chosen and rejected are
     whole conversations or texts, as Anthropic's HH-RLHF is published) is split at their longest common prefix
-    (_split_prompt). DataError names the file, the line or row, and the field."""
+    (_split_prompt). set_pairs "all" | "best_worst" turns sets into pairs (set_to_pairs). DataError names the file,
+    the line or row, and the field."""
     rows, kind = [], None
     for where, row in _jsonl_rows(spec) if spec.endswith(".jsonl") and os.path.isfile(spec) else _dataset_rows(spec):
         if not isinstance(row, dict):
@@ -169,7 +170,24 @@ def read_data(spec):
         kind = this
     if not rows:
         raise DataError(f"{spec}: no rows; fix: give at least one prompt/chosen/rejected row")
+    if set_pairs and kind == "pairs":
+        raise DataError(f"{spec} holds pairs, so --set-pairs {set_pairs} has no sets to split; fix: drop it")
+    if set_pairs:
+        kind, rows = "pairs", [p for row in rows for p in set_to_pairs(row, set_pairs)]
+        if not rows:
+            raise DataError(f"{spec}: every set ties, so --set-pairs {set_pairs} gives no pair; fix: score the sets")
     return kind, rows
+
+
+def set_to_pairs(row, mode):
+    """The pairs of a set: "all" = every (better, worse) pair of completions, in order of index; "best_worst" = its
+    best against its worst completion (the first of tied scores, as mrpo.set_pairs). No pair from a tie."""
+    s, c = row["scores"], row["completions"]
+    if mode == "all":
+        return [{"prompt": row["prompt"], "chosen": c[i], "rejected": c[j]} for i in range(len(s)) for j in
+                range(len(s)) if s[i] > s[j]]
+    best, worst = s.index(max(s)), s.index(min(s))
+    return [{"prompt": row["prompt"], "chosen": c[best], "rejected": c[worst]}] if s[best] > s[worst] else []
 
 
 def read_pairs(spec):
@@ -685,31 +703,33 @@ def _read_safetensors(path, fix="fix: delete it and run the command that wrote i
 
 
 def _check_cache(path, tensors, meta, hint):
-    """What a cache must hold, checked when it is opened: every field, (K, N) log-probs that are finite and <= 0
-    (a log-prob is), token counts, and rows that are a permutation of the N pairs."""
+    """What a cache must hold, checked when it is opened: every field, log-probs (K, N) of pairs or (K, N, W) of sets
+    that are finite and <= 0 (a log-prob is), token counts, and rows that are a permutation of the N pairs."""
     try:
         K, N, size = len(json.loads(meta["refs"])), len(json.loads(meta["fingerprints"])), int(meta["row_pairs"])
-        shapes = {n: tuple(tensors[n].shape) for n in ("chosen_logps", "rejected_logps", "chosen_tokens",
-                                                          "rejected_tokens", "rows")}
+        names = ("chosen_logps", "rejected_logps", "chosen_tokens", "rejected_tokens") if meta.get(
+            "kind", "pairs") == "pairs" else ("logps", "tokens")
+        shapes = {n: tuple(tensors[n].shape) for n in names + ("rows",)}
     except (KeyError, ValueError) as e:
         raise CacheMismatchError(f"{path}: incomplete reference cache (missing {e}); fix: {hint}") from None
-    wrong = [f"{n} {s}" for n, s in shapes.items() if s != ((N,) if n == "rows" else (K, N))]
+    wrong = [f"{n} {s}" for n, s in shapes.items() if s[:2] != ((N,) if n == "rows" else (K, N))]
     if wrong or size < 1 or sorted(tensors["rows"].tolist()) != list(range(N)):
-        raise CacheMismatchError(f"{path}: its tensors do not fit its {N} pairs and {K} references "
+        raise CacheMismatchError(f"{path}: its tensors do not fit its {N} rows and {K} references "
                                  f"({', '.join(wrong) or 'rows'}); fix: {hint}")
-    for n in ("chosen_logps", "rejected_logps"):
+    for n in names[:2 if len(names) == 4 else 1]:
         bad = (~torch.isfinite(tensors[n]) | (tensors[n] > 0)).nonzero()
         if len(bad):
-            k, i = bad[0].tolist()
-            raise CacheMismatchError(f"{path}: {n} of reference {k + 1}, pair {i + 1} is {float(tensors[n][k, i])}, "
-                                     f"not a log-prob (finite, <= 0); fix: {hint}")
+            k, i = bad[0].tolist()[:2]
+            raise CacheMismatchError(f"{path}: {n} of reference {k + 1}, row {i + 1} is "
+                                     f"{tensors[n][k, i].tolist()}, not a log-prob (finite, <= 0); fix: {hint}")
 
 
 def load_cache(path, pairs, data_path=None):
-    """A reference cache, checked to be computed from exactly these pairs, in this order: {"chosen_logps",
-    "rejected_logps", "chosen_tokens", "rejected_tokens": (K, N) float32, "refs": K identities, "rows": the rows
-    reference 1 was scored in (lists of pair indices), "row_pairs": their size}. CacheMismatchError names the
-    cache, the first row that differs and the command that rebuilds it."""
+    """A reference cache, checked to be computed from exactly these rows, in this order: for pairs {"chosen_logps",
+    "rejected_logps", "chosen_tokens", "rejected_tokens": (K, N) float32}, for sets {"logps", "tokens": (K, N, W),
+    "scores" (N, W) float32 and "mask" (N, W) bool, from the rows}, and "refs": K identities, "rows": the rows
+    reference 1 was scored in (lists of pair indices), "row_pairs": their size. CacheMismatchError names the cache,
+    the first row that differs and the command that rebuilds it."""
     if not os.path.isfile(path):
         raise CacheMismatchError(f"{path}: no reference cache; fix: python precompute.py --data "
                                  f"{data_path or 'DATA.jsonl'} --out {path}")
@@ -729,9 +749,14 @@ def load_cache(path, pairs, data_path=None):
     if len(cached) != len(current):
         raise CacheMismatchError(f"{path}: holds {len(cached)} rows but {data_path or 'the data'} has {len(current)} "
                                  f"(made from {meta.get('data')}); fix: {hint}")
-    size = int(meta["row_pairs"])
-    return {**{k: tensors[k] for k in ("chosen_logps", "rejected_logps", "chosen_tokens", "rejected_tokens")},
-            "refs": json.loads(meta["refs"]), "rows": chunks(tensors["rows"].tolist(), size), "row_pairs": size}
+    size, names = int(meta["row_pairs"]), [n for n in tensors if n != "rows"]
+    out = {**{k: tensors[k] for k in names}, "refs": json.loads(meta["refs"]),
+           "rows": chunks(tensors["rows"].tolist(), size), "row_pairs": size, "kind": meta.get("kind", "pairs")}
+    if out["kind"] == "sets":
+        width = tensors["logps"].shape[2]
+        out["scores"] = torch.stack([_padded(torch.tensor(p["scores"], dtype=torch.float32), width) for p in pairs])
+        out["mask"] = torch.stack([_padded(torch.ones(len(p["scores"])), width) for p in pairs]).bool()
+    return out
 
 
 def quantization(load_in_4bit=False, load_in_8bit=False):
@@ -772,16 +797,16 @@ class _Stop(Exception):
     """Raised by --stop-after-batches (tests only) to simulate a run killed part-way."""
 
 
-def _resume(directory, k, key, n):
-    """(log-probs (n, 2), done (n,) uint8) of reference k from every partial file in OUT.partial/ made with these
+def _resume(directory, k, key, n, width):
+    """(log-probs (n, width), done (n,) uint8) of reference k from every partial file in OUT.partial/ made with these
     settings and data: one process writes ref{k}.safetensors, rank r of several ref{k}.rank{r}.safetensors."""
-    logps, done = torch.zeros(n, 2), torch.zeros(n, dtype=torch.uint8)
+    logps, done = torch.zeros(n, width), torch.zeros(n, dtype=torch.uint8)
     for name in sorted(os.listdir(directory)) if os.path.isdir(directory) else []:
         if name == f"ref{k}.safetensors" or name.startswith(f"ref{k}.rank"):
             tensors, meta = _read_safetensors(os.path.join(directory, name), "fix: delete it (its batches are "
                                               "scored again) and rerun")
             if meta == key and (tensors.get("logps", torch.zeros(0)).shape, tensors.get("done", logps).shape) != \
-                    ((n, 2), (n,)):
+                    ((n, width), (n,)):
                 raise CacheMismatchError(f"{directory}/{name}: a partial file of the wrong shape; fix: delete it "
                                          f"(its batches are scored again) and rerun")
             finished = tensors["done"].bool() if meta == key else torch.zeros(n, dtype=torch.bool)
@@ -793,8 +818,9 @@ def _resume(directory, k, key, n):
 
 
 def score_reference(k, spec, pairs, fingerprints, rows, args, budget):
-    """(chosen (N,), rejected (N,), chosen_tokens (N,), rejected_tokens (N,), identity, tokens/s or None) of
-    reference k, resuming from OUT.partial/. Reference 1 (k = 0) is scored in the canonical `rows`; the others, which
+    """(log-probs (N, W), response tokens (N, W), identity, tokens/s or None) of reference k: column j is response j
+    of each row (responses(): chosen and rejected for pairs, W = 2; a set's completions, 0 after its last), resuming
+    from OUT.partial/. Reference 1 (k = 0) is scored in the canonical `rows`; the others, which
     need no exactness, in batches of --batch-size pairs of similar length. budget: [batches that may still be scored
     (None: no limit)], shared by all references; under torchrun each rank scores every world-th batch left."""
     tokenizer = load_tokenizer(spec, args.cache_dir)
@@ -802,13 +828,14 @@ def score_reference(k, spec, pairs, fingerprints, rows, args, budget):
     ref = {**model_identity(spec, tokenizer, args.dtype, quantization(args.load_in_4bit, args.load_in_8bit),
                             source_identity(spec, args.cache_dir)), "max_length": args.max_length,
            "max_prompt_length": args.max_prompt_length, "batch_size": args.batch_size,
-           "truncated_rows": sum(c.truncated or r.truncated for c, r in encoded),
-           "straddled_rows": sum(c.straddled or r.straddled for c, r in encoded)}
+           "truncated_rows": sum(any(e.truncated for e in g) for g in encoded),
+           "straddled_rows": sum(any(e.straddled for e in g) for g in encoded)}
     batches = rows if k == 0 else chunks(length_order(encoded), args.batch_size)
     key = {"ref": json.dumps(ref, sort_keys=True), "rows": _sha(json.dumps(fingerprints)),
            "batches": _sha(json.dumps(batches))}
     (rank, world), directory = rank_and_world(), args.out + ".partial"
-    logps, done = _resume(directory, k, key, len(pairs))
+    width = max(len(g) for g in encoded)
+    logps, done = _resume(directory, k, key, len(pairs), width)
     if world > 1:  # every rank has read the partial files before any rank writes its own
         torch.distributed.barrier()
     todo, t0, tokens = [b for b in batches if not all(done[b])], time.time(), 0
@@ -821,23 +848,41 @@ def score_reference(k, spec, pairs, fingerprints, rows, args, budget):
             if budget[0] is not None and budget[0] <= 0:
                 raise _Stop()
             with torch.inference_mode(), autocast(args.device, args.dtype):
-                logps[b] = torch.stack(pair_logps(model, [encoded[i] for i in b]), dim=1).cpu()  # (B, 2)
-            done[b], tokens = 1, tokens + sum(len(c.ids) + len(r.ids) for c, r in (encoded[i] for i in b))
+                flat = response_logps(model, [encoded[i] for i in b]).cpu()  # (responses of the batch,)
+            logps[b] = torch.stack([_padded(x, width) for x in flat.split([len(encoded[i]) for i in b])])  # (B, W)
+            done[b], tokens = 1, tokens + sum(len(e.ids) for i in b for e in encoded[i])
             _write_safetensors(partial, {"logps": logps, "done": done}, key)
             budget[0] = None if budget[0] is None else budget[0] - 1
     parts = gather((logps, done, tokens, time.time() - t0))  # every rank gets all ranks' scores
     for part_logps, part_done, _, _ in parts:
         logps[part_done.bool()] = part_logps[part_done.bool()]
     speed = sum(p[2] for p in parts) / max(p[3] for p in parts) if any(p[2] for p in parts) else None
-    counts = torch.tensor([[len(e.ids) - e.start for e in pair] for pair in encoded], dtype=torch.float32)
-    return logps[:, 0].clone(), logps[:, 1].clone(), counts[:, 0].clone(), counts[:, 1].clone(), ref, speed
+    counts = torch.stack([_padded(torch.tensor([len(e.ids) - e.start for e in g], dtype=torch.float32), width)
+                          for g in encoded])
+    return logps, counts, ref, speed
+
+
+def _padded(x, width):
+    """(n,) -> (width,), zeros after x."""
+    return torch.cat([x, x.new_zeros(width - len(x))])
+
+
+def _accuracy(logps, rows):
+    """A reference's own accuracy: the share of ordered pairs of responses (better score, worse score) that it gives
+    the better one a higher log-prob; for pairs, chosen over rejected."""
+    right = [float(logps[i, a] > logps[i, b]) for i, row in enumerate(rows) for a, b in
+             ([(0, 1)] if "chosen" in row else [(a, b) for a, x in enumerate(row["scores"])
+                                                for b, y in enumerate(row["scores"]) if x > y])]
+    return sum(right) / max(1, len(right))
 
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     group = parser.add_argument_group("Data")
-    group.add_argument("--data", required=True, help="preference pairs: a .jsonl, .json or .parquet file, a "
-                       "save_to_disk folder, or a dataset id ID[:CONFIG][@SPLIT] (read_pairs)")
+    group.add_argument("--data", required=True, help="preference pairs or sets of scored completions: a .jsonl, "
+                       ".json or .parquet file, a save_to_disk folder, or a dataset id ID[:CONFIG][@SPLIT] (read_data)")
+    group.add_argument("--set-pairs", choices=["all", "best_worst"], default=None, help="sets as pairs: every "
+                       "(better, worse) pair of each set, or its best against its worst (pass it to train.py too)")
     group.add_argument("--out", required=True, help="output .safetensors file of reference log-probs")
     group.add_argument("--append", action="store_true", help="OUT exists: keep its references (not re-scored) and "
                        "add --refs after them; each call may use its own --dtype and quantization")
@@ -881,14 +926,15 @@ def main():
     from transformers.utils import logging
     logging.disable_progress_bar()  # one progress bar per reference is ours; the loaders' own would clutter it
     try:
-        pairs = read_pairs(args.data)
+        kind, pairs = read_data(args.data, args.set_pairs)
         old = load_cache(args.out, pairs, args.data) if args.append else None
     except InputError as e:
         fail(f"--append: {e}" if isinstance(e, CacheMismatchError) else e)
     if old and args.row_pairs not in (None, old["row_pairs"]):
         fail(f"--append: {args.out} holds rows of {old['row_pairs']} pairs, and its references keep them; fix: drop "
              f"--row-pairs {args.row_pairs}")
-    names = ("chosen_logps", "rejected_logps", "chosen_tokens", "rejected_tokens")
+    names = ("chosen_logps", "rejected_logps", "chosen_tokens", "rejected_tokens") if kind == "pairs" else (
+        "logps", "tokens")
     columns = {n: list(old[n]) if old else [] for n in names}  # with --append, OUT's K references come first
     refs, row_pairs = (old["refs"], old["row_pairs"]) if old else ([], args.row_pairs or 1)
     rows = old["rows"] if old else canonical_rows(len(pairs), row_pairs)
@@ -900,17 +946,18 @@ def main():
     fingerprints, budget, summary = [pair_fingerprint(p) for p in pairs], [args.stop_after_batches], []
     for spec in args.refs:
         try:
-            *values, ref, speed = score_reference(len(refs), spec, pairs, fingerprints, rows, args, budget)
+            logps, counts, ref, speed = score_reference(len(refs), spec, pairs, fingerprints, rows, args, budget)
         except InputError as e:
             fail(e)
         except _Stop:
             print(f"stopped after {args.stop_after_batches} batches (--stop-after-batches); run the same command "
                   f"again to resume", file=sys.stderr)
             sys.exit(3)  # under torchrun this rank's exit ends the others too (torchrun stops all on a failure)
+        values = (logps[:, 0], logps[:, 1], counts[:, 0], counts[:, 1]) if kind == "pairs" else (logps, counts)
         for name, value in zip(names, values):
-            columns[name].append(value)
+            columns[name].append(value.clone())
         refs.append(ref)
-        summary.append(f"{spec}: accuracy {(values[0] > values[1]).float().mean():.2f}, truncated "
+        summary.append(f"{spec}: accuracy {_accuracy(logps, pairs):.2f}, truncated "
                        f"{ref['truncated_rows']}, straddled {ref['straddled_rows']}"
                        + (f", {speed:.0f} tok/s" if speed else " (resumed)"))
         if ref["truncated_rows"] and rank == 0:
@@ -921,11 +968,11 @@ def main():
                   f"boundary; it is scored as response (docs/tokenization.md)", file=sys.stderr)
     if rank == 0:  # every rank holds the whole result (score_reference gathered it); one writes it
         metadata = {"format": CACHE_FORMAT, "fingerprints": json.dumps(fingerprints), "refs": json.dumps(refs),
-                    "data": args.data, "row_pairs": str(row_pairs)}
+                    "data": args.data, "row_pairs": str(row_pairs), "kind": kind}
         tensors = {name: torch.stack(values) for name, values in columns.items()}
         _write_safetensors(args.out, {**tensors, "rows": torch.tensor([i for row in rows for i in row])}, metadata)
         shutil.rmtree(args.out + ".partial", ignore_errors=True)
-        print(f"wrote {args.out}: {len(pairs)} pairs x {len(refs)} refs in {time.time() - t_start:.0f}s | "
+        print(f"wrote {args.out}: {len(pairs)} {kind} x {len(refs)} refs in {time.time() - t_start:.0f}s | "
               + " | ".join(summary) + (f" | {world} processes" if world > 1 else ""))
     finish_distributed()
 

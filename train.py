@@ -56,15 +56,17 @@ from tqdm import tqdm
 import mrpo
 from precompute import (InputError, atomic_write, autocast, check_flags, check_paths, check_same_format, chunks,
                         default_cache_dir, encode_pairs, fail, finish_distributed, gather, init_distributed,
-                        load_cache, load_model, load_tokenizer, read_pairs, resolve_device, row_logps)
+                        load_cache, load_model, load_tokenizer, read_data, resolve_device, response_logps, row_logps)
 
 # ----------------------------------------------------------------------------------------------------------------
 # Config
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 group = parser.add_argument_group("Data")
-group.add_argument("--data", required=True, help="training pairs: a .jsonl, .json or .parquet file, a save_to_disk "
-                   "folder, or a dataset id ID[:CONFIG][@SPLIT] (precompute.read_pairs)")
+group.add_argument("--data", required=True, help="training pairs or sets of scored completions: a .jsonl, .json or "
+                   ".parquet file, a save_to_disk folder, or a dataset id ID[:CONFIG][@SPLIT] (precompute.read_data)")
+group.add_argument("--set-pairs", choices=["all", "best_worst"], default=None, help="train on sets as pairs, as "
+                   "precompute.py --set-pairs made the caches: every (better, worse) pair, or best against worst")
 group.add_argument("--refs", required=True, help="reference cache of --data written by precompute.py (.safetensors)")
 group.add_argument("--eval-data", default=None, help="held-out pairs (as --data); needed unless --eval-every 0")
 group.add_argument("--eval-refs", default=None, help="reference cache of --eval-data written by precompute.py")
@@ -89,8 +91,13 @@ group.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on t
 group.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
                    help="comma-separated module names that get adapters, or 'all-linear'")
 group = parser.add_argument_group("Loss")
-group.add_argument("--loss", choices=sorted(mrpo.LOSSES), default="mrpo", help="dpo (the first reference of "
-                   "--use-refs only, or the one --alpha tsw picks), mrpo (Eq. 7), multi_dpo (Eq. 11), mean_ref")
+group.add_argument("--loss", choices=sorted(mrpo.LOSSES) + ["mpo"], default="mrpo", help="dpo (the first "
+                   "reference of --use-refs only, or the one --alpha tsw picks), mrpo (Eq. 7), multi_dpo (Eq. 11), "
+                   "mean_ref; on sets: mpo (set-level, the first reference of --use-refs) or mrpo (mrpo_set_loss)")
+group.add_argument("--set-weighting", choices=["none", "deviation", "signed"], default="none", help="sets: the "
+                   "weights w_i of each response in the set-level loss (mrpo.mpo_loss), with --gamma")
+group.add_argument("--gamma", type=float, default=1.0, help="sets: w_i = exp(gamma |r_i - mean r|) (deviation) or "
+                   "exp(gamma (r_i - mean r)) (signed)")
 group.add_argument("--beta", type=float, default=0.1, help="DPO/MRPO temperature beta")
 group.add_argument("--loss-type", choices=mrpo.LOSS_TYPES, default="sigmoid", help="the loss of a pair's "
                    "implicit-reward margin (mrpo.margin_loss): sigmoid (DPO, Eq. 5), ipo, hinge or robust (rDPO)")
@@ -186,13 +193,27 @@ random.seed(args.seed)
 # Data: pairs, their cached reference log-probs (K, N), the rows of a batch, the policy's encoding of each response
 
 try:
-    pairs, eval_pairs, val_pairs = (read_pairs(p) if p else [] for p in (args.data, args.eval_data, args.val_data))
+    (kind, pairs), (_, eval_pairs), (_, val_pairs) = (read_data(p, args.set_pairs) if p else (None, []) for p in
+                                                      (args.data, args.eval_data, args.val_data))
     cache = load_cache(args.refs, pairs, args.data)
     eval_cache = load_cache(args.eval_refs, eval_pairs, args.eval_data) if args.eval_refs else None
     val_cache = load_cache(args.val_refs, val_pairs, args.val_data) if args.val_refs else None
 except InputError as e:
     fail(e)
-K_cache, N = cache["chosen_logps"].shape
+sets = kind == "sets"  # rows of N scored completions: set-level losses, ranking metrics
+K_cache, N = cache["logps" if sets else "chosen_logps"].shape[:2]
+for wrong, message in [
+        (sets and args.loss not in ("mpo", "mrpo"), f"{args.data} holds sets of scored completions: train them with "
+         f"--loss mpo or mrpo, or as pairs with --set-pairs all|best_worst (--loss {args.loss}), from a cache that "
+         f"precompute.py made with the same --set-pairs"),
+        (not sets and args.loss == "mpo", "--loss mpo is set-level: give --data sets of scored completions (on a "
+         "pair it is DPO: --loss dpo)"),
+        (sets and args.alpha in ("vdw", "vaw", "swcw", "tsw"), f"--alpha {args.alpha} weighs references on pairs; "
+         f"on sets use arwc (set ARWC), uniform or fixed numbers"),
+        (sets and args.loss_type != "sigmoid", "--loss-type is a loss of a pair's margin; the set losses have their "
+         "own form (mrpo.mpo_loss): drop it")]:
+    if wrong:
+        fail(message)
 ref1, data_rows, row_pairs = cache["refs"][0], cache["rows"], cache["row_pairs"]  # a batch is whole rows
 try:
     use = [int(k) - 1 for k in args.use_refs.split(",")] if args.use_refs else list(range(K_cache))
@@ -220,13 +241,14 @@ def ref_logps(c, refs=use):
     --logps mean; (None, None) for no cache."""
     if c is None:
         return None, None
+    if sets:  # (K', N, W) log-probs of the completions, and None
+        return c["logps"][refs] / (c["tokens"][refs].clamp(min=1) if args.logps == "mean" else 1), None
     if args.logps == "mean":
         return tuple(c[f"{s}_logps"][refs] / c[f"{s}_tokens"][refs].clamp(min=1) for s in ("chosen", "rejected"))
     return c["chosen_logps"][refs], c["rejected_logps"][refs]
 
 
 ref_chosen_logps, ref_rejected_logps = ref_logps(cache)  # (K, N) each, the loss's references
-eval_chosen, eval_rejected = ref_logps(eval_cache)  # (K, M) each
 eval_ref1 = ref_logps(eval_cache, [0])  # the yardstick of every run: reference 1, the policy's start
 weighting = None  # a SlidingWindowWeights or ThompsonSamplingWeights object for --alpha swcw / tsw
 if args.alpha in ("vdw", "vaw"):
@@ -318,18 +340,23 @@ def get_lr(step):
     return args.min_lr + 0.5 * (1 + math.cos(math.pi * min(1.0, progress))) * (args.lr - args.min_lr)
 
 
-def loss_terms(rows, encs, ref_chosen, ref_rejected, loss=args.loss, weights=None):
-    """Forward the pairs of `rows` (one forward per row) and apply the loss against references (K', N) with weights
-    alpha (default: the run's): (losses (B,), metric sums, tokens, summed policy log-probs (chosen (B,), rejected
-    (B,)), the pairs' indices). --logps mean divides each sum by the policy's own response token count."""
+def loss_terms(rows, encs, c, refs, loss=args.loss, weights=None):
+    """Forward the pairs (or sets) of `rows`, one forward per row, and apply the loss against the references `refs`
+    of cache c (None: zeros, for val_accuracy) with weights alpha (default: the run's): (losses (B,), metric sums,
+    tokens, (policy log-probs as the loss saw them, their sums), the pairs' indices). --logps mean divides each sum
+    by the policy's own response token count."""
     idx = [i for row in rows for i in row]  # the pairs, in the order row_logps returns them
+    count = [[len(e.ids) - e.start for e in encs[i]] for i in idx]
+    if sets:
+        return set_terms(rows, encs, c, refs, loss, weights, idx, count)
     with autocast(device, args.dtype):
         sums_c, sums_r = row_logps(model, encs, rows)
     pc, pr = sums_c, sums_r
     if args.logps == "mean":
-        count = torch.tensor([[len(e.ids) - e.start for e in encs[i]] for i in idx], device=pc.device).clamp(min=1)
+        count = torch.tensor(count, device=pc.device).clamp(min=1)
         pc, pr = pc / count[:, 0], pr / count[:, 1]
-    rc, rr = ref_chosen[:, idx].to(device), ref_rejected[:, idx].to(device)  # (K', B)
+    ref_c, ref_r = ref_logps(c, refs) if c is not None else (torch.zeros(1, len(encs)),) * 2
+    rc, rr = ref_c[:, idx].to(device), ref_r[:, idx].to(device)  # (K', B)
     losses, chosen_rewards, rejected_rewards = mrpo.compute_loss(
         loss, pc, pr, rc, rr, args.beta, alpha=alpha if weights is None else weights, eps_max=args.eps_max,
         eps=args.eps, clip=not args.no_clip, loss_type=args.loss_type, label_smoothing=args.label_smoothing)
@@ -340,7 +367,49 @@ def loss_terms(rows, encs, ref_chosen, ref_rejected, loss=args.loss, weights=Non
             "logps/chosen": pc.detach().sum(), "logps/rejected": pr.detach().sum(),
             "policy/accuracies": mrpo.reward_accuracy(pc.detach(), pr.detach()).sum()}  # log pi(y_w) > log pi(y_l)
     tokens = sum(len(e.ids) for i in idx for e in encs[i])
-    return losses, sums, tokens, (pc.detach(), pr.detach(), sums_c.detach(), sums_r.detach()), idx
+    return losses, sums, tokens, ((pc.detach(), pr.detach()), (sums_c.detach(), sums_r.detach())), idx
+
+
+def set_terms(rows, encs, c, refs, loss, weights, idx, count):
+    """loss_terms on sets: the policy's log-probs (B, W) of every completion, the set-level loss (mpo_loss against
+    the first reference of refs, mrpo_set_loss against all), and ranking metrics summed over the sets that have a
+    preference (the record divides them by "sets/with_preference": means over those sets)."""
+    with autocast(device, args.dtype):
+        flat = torch.cat([response_logps(model, [encs[i] for i in row]) for row in rows])  # (completions,)
+    width = c["logps"].shape[2]
+    sums = torch.stack([torch.cat([x, x.new_zeros(width - len(x))]) for x in flat.split([len(n) for n in count])])
+    policy = sums / torch.tensor([n + [1] * (width - len(n)) for n in count], device=device).clamp(min=1) \
+        if args.logps == "mean" else sums  # (B, W)
+    ref = ref_logps(c, refs)[0][:, idx].to(device)  # (K', B, W)
+    scores, mask = c["scores"][idx].to(device), c["mask"][idx].to(device)  # (B, W) each
+    if loss == "mpo":
+        losses, rewards, has = mrpo.mpo_loss(policy, ref[0], scores, mask, args.beta, args.set_weighting, args.gamma)
+    else:
+        losses, rewards, has = mrpo.mrpo_set_loss(policy, ref, scores, mask, args.beta,
+                                                  alpha=alpha if weights is None else weights, eps_max=args.eps_max,
+                                                  eps=args.eps, clip=not args.no_clip, weighting=args.set_weighting,
+                                                  gamma=args.gamma)
+    ranked = mrpo.set_ranking_metrics(rewards, scores, mask, args.beta)
+    own = mrpo.set_ranking_metrics(policy.detach(), scores, mask)
+    ref1 = mrpo.set_ranking_metrics(sums.detach() - c["logps"][0, idx].to(device), scores, mask)
+    sums_of = lambda m, key: (m[key] * has).sum()  # noqa: E731
+    better = mask[:, :, None] & mask[:, None, :] & (scores[:, :, None] > scores[:, None, :])  # (B, W, W): i over j
+    margins = ((rewards[:, :, None] - rewards[:, None, :]) * better).sum((1, 2)) / better.sum((1, 2)).clamp(min=1)
+    metrics = {"loss": losses.detach().sum(), "sets/with_preference": has.sum(),
+               "rewards/accuracies": sums_of(ranked, "pairwise_accuracy"),
+               "rewards/top1_accuracies": sums_of(ranked, "top1_accuracy"),
+               "rewards/kendall_tau": sums_of(ranked, "kendall_tau_b"), "rewards/margins": (margins * has).sum(),
+               "policy/accuracies": sums_of(own, "pairwise_accuracy"),
+               "ref1/set_accuracies": sums_of(ref1, "pairwise_accuracy")}
+    tokens = sum(len(e.ids) for i in idx for e in encs[i])
+    return losses, metrics, tokens, ((policy.detach(),), (sums.detach(),)), idx
+
+
+def means(totals, n):
+    """Metric sums -> means over the n pairs (or sets) of a step; on sets the ranking metrics over the sets that
+    have a preference."""
+    m = totals.get("sets/with_preference")
+    return {k: v / (m if m and k.startswith(("rewards/", "policy/", "ref1/")) else n) for k, v in totals.items()}
 
 
 def step_weights(evaluating=False):
@@ -365,7 +434,7 @@ def val_accuracy(idx):
     mine = idx[rank::world]
     correct = 0.0
     if mine:
-        _, sums, *_ = loss_terms(chunks(mine, row_pairs), val_encoded, *ref_logps(cache, [0]), "dpo")
+        _, sums, *_ = loss_terms(chunks(mine, row_pairs), val_encoded, None, [0], "dpo")
         correct = float(sums["policy/accuracies"])
     model.train()
     return sum(gather(correct)) / len(idx)
@@ -379,24 +448,25 @@ def evaluate():
     loss, weights, refs = step_weights(evaluating=True)
     totals = {}
     for row in tqdm(eval_cache["rows"][rank::world], desc="eval", leave=False, dynamic_ncols=True, disable=rank != 0):
-        _, sums, _, (pc, pr, *_), idx = loss_terms([row], eval_encoded, eval_chosen[refs], eval_rejected[refs], loss,
-                                                  weights)
-        r1c, r1r = (r[0, idx].to(pc.device) for r in eval_ref1)
-        sums["ref1/accuracies"] = mrpo.reward_accuracy(pc - r1c, pr - r1r).sum()
-        sums["ref1/margins"] = args.beta * ((pc - r1c) - (pr - r1r)).sum()
+        _, sums, _, (policy, _), idx = loss_terms([row], eval_encoded, eval_cache, refs, loss, weights)
+        if not sets:
+            (pc, pr), (r1c, r1r) = policy, (r[0, idx].to(policy[0].device) for r in eval_ref1)
+            sums["ref1/accuracies"] = mrpo.reward_accuracy(pc - r1c, pr - r1r).sum()
+            sums["ref1/margins"] = args.beta * ((pc - r1c) - (pr - r1r)).sum()
         add(totals, sums)
     parts = gather(totals)  # under torchrun each rank scored every world-th row; rank 0 always has one
     model.train()
-    return {f"eval_{k}": sum(part.get(k, 0.0) for part in parts) / len(eval_pairs) for k in parts[0]}
+    return {f"eval_{k}": v for k, v in means({k: sum(part.get(k, 0.0) for part in parts) for k in parts[0]},
+                                              len(eval_pairs)).items()}
 
 
 def check_start(scored):
     """At step 0 the policy IS reference 1: its summed log-probs of the step's pairs ([(pair indices, chosen,
     rejected)] of this rank's micro-batches) must equal the cache's bit for bit when it was made in the same dtype
     and quantization (same rows, same code). Logs the largest |difference| over all ranks; warns unless 0."""
-    diff = max([0.0] + [float((c.cpu() - cache[f"{s}_logps"][0, idx]).abs().max()) for idx, *cr in scored
-                        for s, c in zip(("chosen", "rejected"), cr)])
-    parts = gather((diff, sum(2 * len(idx) for idx, *_ in scored)))
+    cached = (cache["logps"],) if sets else (cache["chosen_logps"], cache["rejected_logps"])
+    diff = max([0.0] + [float((x.cpu() - c[0, idx]).abs().max()) for idx, *xs in scored for x, c in zip(xs, cached)])
+    parts = gather((diff, sum(len(encoded[i]) for idx, *_ in scored for i in idx)))
     diff, n = max(d for d, _ in parts), sum(m for _, m in parts)
     same = (ref1["dtype"], ref1["quantization"]) == (args.dtype, quant)
     log({"step": 0, "check/ref1_max_abs_diff": diff, "check/sequences": n})
@@ -600,13 +670,12 @@ while step < total_steps:
         accuracy_before = val_accuracy(subset)
     totals, tokens, scored = {}, 0, []
     for micro in chunks(mine, max(1, math.ceil(len(mine) / args.grad_accum))):  # micro-batches of whole rows
-        losses, sums, n_tokens, (*_, sums_c, sums_r), idx = loss_terms(
-            micro, encoded, ref_chosen_logps[refs], ref_rejected_logps[refs], loss_name, weights)
+        losses, sums, n_tokens, (_, sequence_sums), idx = loss_terms(micro, encoded, cache, refs, loss_name, weights)
         loss = losses.sum() / sum(len(row) for row in batch)  # the whole batch's mean, however it is split
         if not torch.isfinite(loss):
             stop(f"the loss is {float(loss)} (pairs {[i + 1 for i in idx]} of {args.data})", step)
         loss.backward()
-        scored += [(idx, sums_c, sums_r)] if step == 0 else []
+        scored += [(idx, *sequence_sums)] if step == 0 else []
         totals, tokens = add(totals, sums), tokens + n_tokens
     if step == 0:
         check_start(scored)
@@ -633,7 +702,7 @@ while step < total_steps:
                           "tsw/val_accuracy_before": accuracy_before, "tsw/val_accuracy_after": accuracy_after,
                           "tsw/posterior_mean": weighting.posterior_mean().tolist()}
     step, dt = step + 1, time.time() - t0
-    record = {"step": step, "epoch": round(step / steps_per_epoch, 4), **{k: v / len(idx) for k, v in totals.items()},
+    record = {"step": step, "epoch": round(step / steps_per_epoch, 4), **means(totals, len(idx)),
               "lr": lr, "grad_norm": float(grad_norm), "tokens": tokens, "tokens/s": tokens / dt, "step_time": dt,
               **chosen_weights}
     if step % args.log_every == 0 or step == total_steps:
