@@ -195,13 +195,9 @@ random.seed(args.seed)
 try:
     (kind, pairs), (_, eval_pairs), (_, val_pairs) = (read_data(p, args.set_pairs) if p else (None, []) for p in
                                                       (args.data, args.eval_data, args.val_data))
-    cache = load_cache(args.refs, pairs, args.data)
-    eval_cache = load_cache(args.eval_refs, eval_pairs, args.eval_data) if args.eval_refs else None
-    val_cache = load_cache(args.val_refs, val_pairs, args.val_data) if args.val_refs else None
 except InputError as e:
     fail(e)
 sets = kind == "sets"  # rows of N scored completions: set-level losses, ranking metrics
-K_cache, N = cache["logps" if sets else "chosen_logps"].shape[:2]
 for wrong, message in [
         (sets and args.loss not in ("mpo", "mrpo"), f"{args.data} holds sets of scored completions: train them with "
          f"--loss mpo or mrpo, or as pairs with --set-pairs all|best_worst (--loss {args.loss}), from a cache that "
@@ -214,6 +210,13 @@ for wrong, message in [
          "own form (mrpo.mpo_loss): drop it")]:
     if wrong:
         fail(message)
+try:
+    cache = load_cache(args.refs, pairs, args.data)
+    eval_cache = load_cache(args.eval_refs, eval_pairs, args.eval_data) if args.eval_refs else None
+    val_cache = load_cache(args.val_refs, val_pairs, args.val_data) if args.val_refs else None
+except InputError as e:
+    fail(e)
+K_cache, N = cache["logps" if sets else "chosen_logps"].shape[:2]
 ref1, data_rows, row_pairs = cache["refs"][0], cache["rows"], cache["row_pairs"]  # a batch is whole rows
 try:
     use = [int(k) - 1 for k in args.use_refs.split(",")] if args.use_refs else list(range(K_cache))
