@@ -22,6 +22,8 @@ For every policy pi (the base model, or base + adapter) and every held-out pair 
 - against the virtual reference of MRPO (Prop. 1, with CTRO and the --alpha weights): the same two numbers;
 - own accuracy: the share of pairs where pi itself gives y_w a higher log-prob than y_l (no reference involved);
 - every reference's own accuracy, from the cache.
+On sets of scored completions the same three views rank each set: pairwise accuracy over the pairs of different
+scores, top-1 accuracy and Kendall's tau-b (mrpo.set_ranking_metrics), means over the sets that have a preference.
 The paper's "preference accuracy" (the authors' trainer logs eval rewards/accuracies from its loss's rewards) is
 the "virtual" column for MRPO runs and the "ref1" column for DPO runs; this script prints both for every policy.
 

@@ -24,9 +24,13 @@ Resume: run the same command again. Finished batches are kept in OUT.partial/ (a
 each written atomically), so a killed run continues where it stopped, with any number of processes, and OUT is
 byte-identical to what an uninterrupted run writes.
 
+Sets of N scored completions ({"prompt", "completions", "scores"} rows) are scored the same way, the prompt once
+and every completion after it in one row; --set-pairs all|best_worst turns them into pairs instead.
+
 Writes OUT: chosen_logps, rejected_logps (K, N) float32; chosen_tokens, rejected_tokens (K, N), the response tokens
-each reference scored; rows (N,), the pairs in the order of reference 1's rows; metadata with every pair's
-fingerprint, every reference's identity (tokenizer, chat template, dtype, quantization) and the rows' size.
+each reference scored (for sets: logps, tokens (K, N, W), W the largest set, 0 after a set's last completion);
+rows (N,), the pairs in the order of reference 1's rows; metadata with every pair's fingerprint, every reference's
+identity (tokenizer, chat template, dtype, quantization) and the rows' size.
 train.py and eval.py refuse a cache that does not match their data and policy.
 
 Shapes: N pairs, K references, B pairs in a batch, L tokens in a packed row, H hidden size, V vocabulary.

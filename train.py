@@ -24,6 +24,8 @@ Several GPUs: the same command under `torchrun --standalone --nproc_per_node 8 t
 --batch-size is the whole batch of a step, its rows dealt to the processes, the LoRA gradients summed once per step.
 The weightings of arXiv:2512.10040 (--alpha vdw|vaw|swcw|tsw), single-reference DPO against any reference
 (--loss dpo --use-refs K) and mean per-token log-probs (--logps mean) are in the README's "Weighting the references".
+Sets of N scored completions (rows {"prompt", "completions", "scores"}): --loss mpo or mrpo (set-level, a batch of
+--batch-size sets), or --set-pairs all|best_worst to train them as pairs (README, "Sets of scored responses").
 
 Resume an interrupted run: the same command plus --resume. It continues from the latest checkpoint in --out-dir
 (LoRA adapter, optimizer, RNG states, step, data order, weighting state); on CPU the metrics and the final adapter
