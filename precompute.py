@@ -772,7 +772,9 @@ def parse_args():
             (args.alpha in ("swcw", "tsw"), f"--alpha {args.alpha} cannot be exported: its weights follow training "
              f"and the columns are fixed before it; fix: arwc, uniform, K weights, vdw or vaw, or train.py"),
             ((args.alpha in ("vdw", "vaw")) != bool(args.val_data and args.val_refs), "--val-data and --val-refs go "
-             "with --alpha vdw or vaw (weights fixed from validation pairs); fix: give all three or none")]:
+             "with --alpha vdw or vaw (weights fixed from validation pairs); fix: give all three or none"),
+            (args.export_trl and os.path.realpath(args.export_trl) == os.path.realpath(args.out), f"--export-trl "
+             f"{args.export_trl} would overwrite the cache --out; fix: name another file")]:
         if wrong:
             fail(message)
     if args.load_in_4bit and args.load_in_8bit:

@@ -122,6 +122,7 @@ REFUSED = {  # flags -> words the message must hold (each names the flag)
     "validation_without_vdw": (["--val-data", "DATA", "--val-refs", "CACHE"], "--val-refs go with --alpha vdw"),
     "three_weights_for_two_refs": (["--alpha", "1,2,3"], "--alpha '1,2,3' gives 3 weights but there are K=2"),
     "eps_max_above_1": (["--eps-max", "2"], "--eps-max 2.0: must be between 0 and 1"),
+    "export_over_the_cache": (["--export-trl", "OUT"], "would overwrite the cache --out"),
     "val_refs_of_other_refs": (["--alpha", "vaw", "--val-data", "DATA", "--val-refs", "OTHER"],
                                "other references than"),
 }
@@ -131,7 +132,7 @@ REFUSED = {  # flags -> words the message must hold (each names the flag)
 def test_what_cannot_be_exported_is_refused_naming_the_flag(tmp_path, monkeypatch, capsys, scored, case):
     data, out, _, common = scored
     flags, words = REFUSED[case]
-    flags = [{"DATA": data, "CACHE": out + ".val", "OTHER": "OTHER"}.get(f, f) for f in flags]
+    flags = [{"DATA": data, "CACHE": out + ".val", "OUT": out}.get(f, f) for f in flags]
     if "OTHER" in flags:
         flags[flags.index("OTHER")] = other_refs_cache(tmp_path, out)
     path = str(tmp_path / "trl.jsonl")
@@ -140,6 +141,7 @@ def test_what_cannot_be_exported_is_refused_naming_the_flag(tmp_path, monkeypatc
     message = capsys.readouterr().err
     assert stop.value.code == 2 and words in message and "fix:" in message, message
     assert message.startswith("precompute.py: error: ") and not os.path.exists(path)
+    assert precompute.load_cache(out, precompute.read_pairs(data))  # the cache is untouched
 
 
 def test_refused_in_a_subprocess_exits_non_zero(tmp_path, scored):
