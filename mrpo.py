@@ -161,12 +161,15 @@ def _check_refs(ref_chosen_logps, ref_rejected_logps):
     return ref_chosen_logps.shape[0]
 
 
+def _up(x):
+    return x.to(torch.promote_types(x.dtype, torch.float32))  # float32 at least: bf16/fp16 upcast, float64 kept
+
+
 def _loss_inputs(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps):
     """The four log-prob tensors in float32 at least (bf16/fp16 are upcast, float64 kept), references detached:
     they are constants, so no gradient reaches them through the rewards, the CTRO bounds or eps."""
-    up = lambda x: x.to(torch.promote_types(x.dtype, torch.float32))  # noqa: E731
-    return (up(policy_chosen_logps), up(policy_rejected_logps), up(ref_chosen_logps).detach(),
-            up(ref_rejected_logps).detach())
+    return (_up(policy_chosen_logps), _up(policy_rejected_logps), _up(ref_chosen_logps).detach(),
+            _up(ref_rejected_logps).detach())
 
 
 def _trust_region(ref_chosen_logps, ref_rejected_logps, eps_max, eps, clip):
@@ -178,6 +181,26 @@ def _trust_region(ref_chosen_logps, ref_rejected_logps, eps_max, eps, clip):
     else:
         eps_w = eps_l = eps
     return ctro_clip(ref_chosen_logps, eps_w), ctro_clip(ref_rejected_logps, eps_l)  # Eq. 8
+
+
+def virtual_reference_pair(ref_chosen_logps, ref_rejected_logps, alpha="arwc", eps_max=0.1, eps=None, clip=True):
+    r"""The virtual reference of a pair's two responses, as MRPO (Eq. 7) uses it: alpha resolved on the RAW
+    log-probs (ARWC, Eq. 10, by default), CTRO (Eq. 8, 9), then Prop. 1 on the clipped log-probs.
+
+    .. math::
+        \log\tilde\pi_{ref}(y|x) = -\operatorname{logsumexp}_k\big(\log\alpha_k - \log\hat\pi_{ref}^k(y|x)\big),
+        \qquad y \in \{y_w, y_l\}
+
+    ref_chosen_logps, ref_rejected_logps: (K, B), row 0 = reference 1; alpha, eps_max, eps, clip as in mrpo_loss.
+    Returns (virtual_chosen_logps (B,), virtual_rejected_logps (B,)), float32 at least, detached. It depends on the
+    references alone, so MRPO is DPO against it: mrpo_loss(pc, pr, rc, rr, beta) equals
+    dpo_loss(pc, pr, *virtual_reference_pair(rc, rr), beta), which is how precompute.py --export-trl serves TRL.
+    """
+    ref_chosen_logps, ref_rejected_logps = _up(ref_chosen_logps).detach(), _up(ref_rejected_logps).detach()
+    _check_refs(ref_chosen_logps, ref_rejected_logps)
+    alpha = resolve_alpha(alpha, ref_chosen_logps, ref_rejected_logps)  # Eq. 10 on raw log-probs, (K, B)
+    ref_w, ref_l = _trust_region(ref_chosen_logps, ref_rejected_logps, eps_max, eps, clip)  # Eq. 8, 9
+    return virtual_reference_logps(ref_w, alpha), virtual_reference_logps(ref_l, alpha)  # Prop. 1, (B,) each
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -253,11 +276,8 @@ def mrpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_
     """
     policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps = _loss_inputs(
         policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
-    _check_refs(ref_chosen_logps, ref_rejected_logps)
-    alpha = resolve_alpha(alpha, ref_chosen_logps, ref_rejected_logps)  # Eq. 10 on raw log-probs, (K, B)
-    ref_w, ref_l = _trust_region(ref_chosen_logps, ref_rejected_logps, eps_max, eps, clip)  # Eq. 8, 9
-    virtual_w = virtual_reference_logps(ref_w, alpha)  # Prop. 1, (B,)
-    virtual_l = virtual_reference_logps(ref_l, alpha)
+    virtual_w, virtual_l = virtual_reference_pair(ref_chosen_logps, ref_rejected_logps, alpha, eps_max, eps,
+                                                  clip)  # Eq. 10, 8, 9, Prop. 1: (B,) each
     return dpo_loss(policy_chosen_logps, policy_rejected_logps, virtual_w, virtual_l, beta, loss_type,
                     label_smoothing)  # Eq. 7
 

@@ -18,7 +18,8 @@ One GPU, 7B references in 4 bit (a reference is an alias, a hub id, a local dire
 
 Several GPUs: the same command under `torchrun --standalone --nproc_per_node 8 precompute.py ...` (no --device);
 the batches are dealt to the processes and OUT is byte-identical to a one-process run's. Grow a cache without
-re-scoring it: `--append --refs qwen2.5-coder` adds a reference after those already in OUT.
+re-scoring it: `--append --refs qwen2.5-coder` adds a reference after those already in OUT. MRPO inside TRL:
+`--export-trl OUT.jsonl --alpha arwc` also writes the pairs with the virtual reference's log-probs (README).
 
 Resume: run the same command again. Finished batches are kept in OUT.partial/ (a file per reference and process,
 each written atomically), so a killed run continues where it stopped, with any number of processes, and OUT is
@@ -52,6 +53,8 @@ import time
 from typing import NamedTuple
 
 import torch
+
+import mrpo
 
 DEFAULT_REFS = ["smollm2", "gemma3"]
 CACHE_FORMAT = "mrpo-refs-v2"
@@ -880,6 +883,40 @@ def _accuracy(logps, rows):
     return sum(right) / max(1, len(right))
 
 
+def _scored(args, pairs):
+    """--export-trl: OUT is already the cache of --data by --refs with these settings and rows: nothing to score."""
+    try:
+        old = load_cache(args.out, pairs, args.data) if os.path.isfile(args.out) else None
+    except InputError:  # another data file's cache, or a damaged one: scored again, as without --export-trl
+        return False
+    fields = ("name", "dtype", "quantization", "max_length", "max_prompt_length")
+    want = [(s, args.dtype, quantization(args.load_in_4bit, args.load_in_8bit), args.max_length,
+             args.max_prompt_length) for s in args.refs]
+    return bool(old) and [tuple(r[f] for f in fields) for r in old["refs"]] == want and \
+        args.row_pairs in (None, old["row_pairs"])
+
+
+def export_trl(args, pairs):
+    """--export-trl: the pairs of --data in order, with ref_chosen_logps / ref_rejected_logps the virtual reference of
+    OUT's references (mrpo.virtual_reference_pair): TRL's DPOTrainer then trains MRPO as DPO against it."""
+    try:
+        cache = load_cache(args.out, pairs, args.data)
+        val = load_cache(args.val_refs, read_pairs(args.val_data), args.val_data) if args.val_refs else cache
+        if [r["name"] for r in val["refs"]] != [r["name"] for r in cache["refs"]]:
+            raise InputError(f"--val-refs {args.val_refs}: other references than {args.out}'s; fix: the same --refs")
+        alpha = getattr(mrpo, f"{args.alpha}_weights")(val["chosen_logps"], val["rejected_logps"]) if args.val_refs \
+            else mrpo.parse_alpha(args.alpha, len(cache["refs"]))  # VDW / VAW: (K,), fixed from validation pairs
+        chosen, rejected = mrpo.virtual_reference_pair(cache["chosen_logps"], cache["rejected_logps"], alpha,
+                                                       args.eps_max, args.eps, not args.no_clip)
+    except ValueError as e:  # a bad --alpha, or a cache or data file's InputError
+        fail(f"--export-trl: {e}")
+    with atomic_write(args.export_trl, "w") as f:  # ASCII JSON: every string reads back exactly as in --data
+        f.writelines(json.dumps({**p, "ref_chosen_logps": c, "ref_rejected_logps": r}) + "\n"
+                     for p, c, r in zip(pairs, chosen.tolist(), rejected.tolist()))
+    print(f"wrote {args.export_trl}: {len(pairs)} pairs, the virtual reference of "
+          f"{', '.join(r['name'] for r in cache['refs'])} (--alpha {args.alpha})")
+
+
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     group = parser.add_argument_group("Data")
@@ -913,14 +950,39 @@ def parse_args():
                        help="references 2, 3, ...: pairs per forward (the unit of progress and resume)")
     group.add_argument("--stop-after-batches", type=int, default=None, help="for tests: stop after scoring this many "
                        "batches (per process under torchrun), as if the run were killed")
+    group = parser.add_argument_group("Export for TRL (the README's MRPO inside TRL)")
+    group.add_argument("--export-trl", metavar="OUT.jsonl", help="then write the pairs with ref_chosen_logps and "
+                       "ref_rejected_logps, the virtual reference (Prop. 1 after CTRO), for TRL's DPOTrainer; an OUT "
+                       "already scored by this command is exported without scoring")
+    group.add_argument("--loss", choices=["mrpo", "multi_dpo"], default="mrpo",
+                       help="mrpo (Eq. 7); multi_dpo is refused")
+    group.add_argument("--alpha", default="arwc", help="as train.py's: arwc, uniform, K weights, vdw or vaw; swcw "
+                       "and tsw are refused: they change during training")
+    group.add_argument("--eps-max", type=float, default=0.1, help="CTRO bound eps_max of the adaptive eps (Eq. 9)")
+    group.add_argument("--eps", type=float, default=None, help="a fixed CTRO eps instead of the adaptive one")
+    group.add_argument("--no-clip", action="store_true", help="turn CTRO clipping (Eq. 8) off")
+    group.add_argument("--val-data", help="--alpha vdw / vaw: validation pairs (JSONL), apart from --data")
+    group.add_argument("--val-refs", help="--alpha vdw / vaw: reference cache of --val-data, same --refs")
     args = parser.parse_args()
     check_flags(args, max_length="int>=1", max_prompt_length="int>=1", row_pairs="int>=1", batch_size="int>=1",
-                stop_after_batches=">=0")
+                stop_after_batches=">=0", eps_max="[0,1]", eps="[0,1]")
+    for wrong, message in [
+            (args.loss == "multi_dpo", "--loss multi_dpo cannot be exported: Eq. 11 sums K DPO terms, each against its "
+             "own reference, and TRL takes one; fix: --loss mrpo, or train.py --loss multi_dpo"),
+            (args.alpha in ("swcw", "tsw"), f"--alpha {args.alpha} cannot be exported: its weights follow training "
+             f"and the columns are fixed before it; fix: arwc, uniform, K weights, vdw or vaw, or train.py"),
+            ((args.alpha in ("vdw", "vaw")) != bool(args.val_data and args.val_refs), "--val-data and --val-refs go "
+             "with --alpha vdw or vaw (weights fixed from validation pairs); fix: give all three or none"),
+            (args.export_trl and os.path.realpath(args.export_trl) == os.path.realpath(args.out), f"--export-trl "
+             f"{args.export_trl} would overwrite the cache --out; fix: name another file")]:
+        if wrong:
+            fail(message)
     if args.load_in_4bit and args.load_in_8bit:
         parser.error("choose one of --load-in-4bit and --load-in-8bit")
     if not args.max_prompt_length < args.max_length:
         parser.error("need --max-prompt-length < --max-length")
-    check_paths([args.data] + [r for r in args.refs if os.path.exists(r)], [args.out])
+    check_paths([args.data, args.val_data, args.val_refs] + [r for r in args.refs if os.path.exists(r)],
+                [args.out, args.export_trl])
     return args
 
 
@@ -934,6 +996,10 @@ def main():
         old = load_cache(args.out, pairs, args.data) if args.append else None
     except InputError as e:
         fail(f"--append: {e}" if isinstance(e, CacheMismatchError) else e)
+    if args.export_trl and not args.append and _scored(args, pairs):  # export OUT as it is, score nothing
+        if rank == 0:
+            export_trl(args, pairs)
+        return finish_distributed()
     if old and args.row_pairs not in (None, old["row_pairs"]):
         fail(f"--append: {args.out} holds rows of {old['row_pairs']} pairs, and its references keep them; fix: drop "
              f"--row-pairs {args.row_pairs}")
@@ -978,6 +1044,8 @@ def main():
         shutil.rmtree(args.out + ".partial", ignore_errors=True)
         print(f"wrote {args.out}: {len(pairs)} {kind} x {len(refs)} refs in {time.time() - t_start:.0f}s | "
               + " | ".join(summary) + (f" | {world} processes" if world > 1 else ""))
+        if args.export_trl:
+            export_trl(args, pairs)
     finish_distributed()
 
 

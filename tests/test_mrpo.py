@@ -98,6 +98,21 @@ def virtual_pair_py(chosen, rejected, alpha, eps_max):
     return out
 
 
+@given(batches(), st.sampled_from(["arwc", "uniform", "given"]), st.sampled_from([None, 0.0, 0.2]), st.booleans(),
+       st.sampled_from(mrpo.LOSS_TYPES), st.floats(0.0, 1.0))
+def test_mrpo_is_dpo_against_virtual_reference_pair(b, alpha, eps, clip, loss_type, eps_max):
+    """The references reach MRPO only through virtual_reference_pair, so DPO against that pair is MRPO bit for bit,
+    values and gradients (what precompute.py --export-trl hands to TRL); the pair carries no gradient."""
+    kw = dict(alpha=b["alpha"] if alpha == "given" else alpha, eps_max=eps_max, eps=eps, clip=clip)
+    rc, rr = with_grad(b["rc"]), with_grad(b["rr"])
+    virtual_chosen, virtual_rejected = mrpo.virtual_reference_pair(rc, rr, **kw)
+    assert virtual_chosen.shape == virtual_rejected.shape == b["pc"].shape and not virtual_chosen.requires_grad
+    got = loss_and_grads("mrpo", b, loss_type=loss_type, **kw)
+    want = loss_and_grads("dpo", dict(b, rc=virtual_chosen[None], rr=virtual_rejected[None]), loss_type=loss_type)
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+
+
 @given(batches(), st.sampled_from(["arwc", "uniform"]), st.floats(0.0, 1.0))
 def test_policy_equal_to_virtual_reference_gives_ln2_and_zero_rewards(b, alpha, eps_max):
     pairs = [virtual_pair_py(c, r, alpha, eps_max) for c, r in zip(b["rc"].T.tolist(), b["rr"].T.tolist())]
