@@ -996,6 +996,9 @@ def main():
         old = load_cache(args.out, pairs, args.data) if args.append else None
     except InputError as e:
         fail(f"--append: {e}" if isinstance(e, CacheMismatchError) else e)
+    if args.export_trl and kind == "sets":
+        fail(f"--export-trl writes pairs for TRL's DPOTrainer, and {args.data} holds sets; fix: add --set-pairs all "
+             f"or best_worst")
     if args.export_trl and not args.append and _scored(args, pairs):  # export OUT as it is, score nothing
         if rank == 0:
             export_trl(args, pairs)
