@@ -213,9 +213,9 @@ def margin_loss(logits, beta, loss_type="sigmoid", label_smoothing=0.0):
     r"""A pair's loss as a function of h = log(pi_theta/pi_ref)(y_w) - log(pi_theta/pi_ref)(y_l): (B,) -> (B,).
 
     .. math::
-        	ext{sigmoid: } -(1-arepsilon)\log\sigma(eta h) - arepsilon\log\sigma(-eta h) \qquad
-        	ext{ipo: } ig(h - 	frac{1}{2eta}ig)^2 \qquad 	ext{hinge: } \max(0,\ 1 - eta h) \qquad
-        	ext{robust: } rac{-(1-arepsilon)\log\sigma(eta h) + arepsilon\log\sigma(-eta h)}{1 - 2arepsilon}
+        \text{sigmoid: } -(1-\varepsilon)\log\sigma(\beta h) - \varepsilon\log\sigma(-\beta h) \qquad
+        \text{ipo: } \big(h - \tfrac{1}{2\beta}\big)^2 \qquad \text{hinge: } \max(0,\ 1 - \beta h) \qquad
+        \text{robust: } \frac{-(1-\varepsilon)\log\sigma(\beta h) + \varepsilon\log\sigma(-\beta h)}{1 - 2\varepsilon}
 
     sigmoid is DPO's Eq. 5 (arXiv:2305.18290), with label smoothing eps > 0 conservative DPO (cDPO: each label
     flipped with probability eps); ipo is IPO's Eq. 17 (arXiv:2310.12036v2); hinge is SLiC's and RSO's
