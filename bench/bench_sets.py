@@ -3,7 +3,7 @@ the set loss (mrpo.mrpo_set_loss, the N = 4 answers after one shared prompt in o
 6 (better, worse) pairs of each set trained with the pair loss (mrpo.mrpo_loss, 6 packed pairs per set: each answer
 computed three times, each prompt six). Same model, LoRA, references (K = 2, cached log-probs), one run.
 
-    python bench/bench_sets.py                                   # SmolLM2 + LoRA on CPU, 4 MT-bench sets, fp32
+    python bench/bench_sets.py                                   # SmolLM2 + LoRA on CPU, 2 MT-bench sets, fp32
     python bench/bench_sets.py --dtype bf16 --max-length 512
     python bench/bench_sets.py --device cuda --model Qwen/Qwen2.5-7B-Instruct --load-in-4bit --dtype bf16
 
@@ -32,7 +32,7 @@ import precompute  # noqa: E402
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=os.path.join(ROOT, "data", "mt-bench-sets", "train.jsonl"))
-    parser.add_argument("--sets", type=int, default=4, help="sets per step (their pairs: 6 each)")
+    parser.add_argument("--sets", type=int, default=2, help="sets per step (their pairs: 6 each)")
     parser.add_argument("--max-length", type=int, default=320, help="most tokens of prompt + answer")
     parser.add_argument("--model", default="smollm2", help="policy base model spec")
     parser.add_argument("--dtype", choices=["bf16", "fp32"], default="fp32")

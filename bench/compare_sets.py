@@ -19,7 +19,7 @@ grades are not all equal), after training:
   the policy's start (0.5 before training, exactly);
 * time per run (training and evaluation).
 
-Resumable: each run writes OUT/runs/METHOD-sSEED/result.json when done; run the same command again after a kill and
+Resumable: each run writes OUT/runs/METHOD-sSEED/result.json when done (and its evaluation beside it); run the same command again after a kill and
 finished runs are skipped, an interrupted one starts again. The table goes to stdout and to --results (JSON).
 """
 
@@ -40,7 +40,7 @@ REFS = ["smollm2", "gemma3"]
 METHODS = {  # name -> (--set-pairs of the data, train.py flags, prompts per step -> batch size)
     "mpo": (None, ["--loss", "mpo"], 1),
     "mrpo-sets": (None, ["--loss", "mrpo", "--alpha", "arwc"], 1),
-    "dpo-all-pairs": ("all", ["--loss", "dpo"], 6),
+    "dpo-all-pairs": ("all", ["--loss", "dpo", "--grad-accum", "6"], 6),  # 3x the tokens of a set: 6 micro-batches
     "dpo-best-worst": ("best_worst", ["--loss", "dpo"], 1),
 }
 METRICS = {"own pairwise": "own/pairwise_accuracy", "own top-1": "own/top1_accuracy", "own tau": "own/kendall_tau_b",
@@ -52,7 +52,7 @@ parser.add_argument("--out", default=os.path.join(ROOT, "runs", "compare-sets"),
 parser.add_argument("--results", default=os.path.join(ROOT, "bench", "results", "compare_sets.json"))
 parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
 parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-parser.add_argument("--steps", type=int, default=24, help="optimizer steps per run")
+parser.add_argument("--steps", type=int, default=16, help="optimizer steps per run")
 parser.add_argument("--sets-per-step", type=int, default=4, help="prompts per step (all-pairs: their 6 pairs each)")
 parser.add_argument("--lr", type=float, default=5e-4)
 parser.add_argument("--max-length", type=int, default=320)
@@ -99,8 +99,9 @@ def run_method(method, seed):
            "--out-dir", directory, "--overwrite", *flags] + (["--set-pairs", set_pairs] if set_pairs else [])
     print(f"[{method} seed {seed}]: {' '.join(cmd)}", file=sys.stderr)
     t0 = time.time()
-    subprocess.run(cmd, cwd=ROOT, check=True)
-    report = os.path.join(directory, "eval.json")
+    if not os.path.isfile(os.path.join(directory, "adapter_model.safetensors")):  # else trained, not evaluated yet
+        subprocess.run(cmd, cwd=ROOT, check=True)
+    report = directory + ".eval.json"
     subprocess.run([python, "eval.py", "--data", data["test"], "--refs", cache("test", None), "--dtype", args.dtype,
                     "--policies", directory, "--out", report], cwd=ROOT, check=True)
     final = json.load(open(report))["policies"][directory]
