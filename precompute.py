@@ -726,8 +726,8 @@ def _check_cache(path, tensors, meta, hint):
     for n in names[:2 if len(names) == 4 else 1]:
         bad = (~torch.isfinite(tensors[n]) | (tensors[n] > 0)).nonzero()
         if len(bad):
-            k, i = bad[0].tolist()[:2]
-            raise CacheMismatchError(f"{path}: {n} of reference {k + 1}, row {i + 1} is "
+            (k, i), row = bad[0].tolist()[:2], "pair" if len(names) == 4 else "set"
+            raise CacheMismatchError(f"{path}: {n} of reference {k + 1}, {row} {i + 1} is "
                                      f"{tensors[n][k, i].tolist()}, not a log-prob (finite, <= 0); fix: {hint}")
 
 
