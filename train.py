@@ -347,9 +347,9 @@ def get_lr(step):
 
 def loss_terms(rows, encs, c, refs, loss=args.loss, weights=None):
     """Forward the pairs (or sets) of `rows`, one forward per row, and apply the loss against the references `refs`
-    (positions among --use-refs) of cache c (None: zeros, for val_accuracy) with weights alpha (default: the run's): (losses (B,), metric sums,
-    tokens, (policy log-probs as the loss saw them, their sums), the pairs' indices). --logps mean divides each sum
-    by the policy's own response token count."""
+    (positions among --use-refs) of cache c (None: zeros, for val_accuracy) with weights alpha (default: the run's):
+    (losses (B,), metric sums, tokens, (policy log-probs as the loss saw them, their sums), the pairs' indices).
+    --logps mean divides each sum by the policy's own response token count."""
     idx = [i for row in rows for i in row]  # the pairs, in the order row_logps returns them
     count = [[len(e.ids) - e.start for e in encs[i]] for i in idx]
     refs = [use[k] for k in refs]  # positions among --use-refs -> the cache's references
