@@ -633,13 +633,6 @@ def canonical_rows(n, pairs_per_row, seed=0):
     return chunks(torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist(), pairs_per_row)
 
 
-def row_logps(model, encoded_pairs, rows):
-    """Summed response log-probs of the pairs of `rows` (lists of pair indices), one pair_logps call per row:
-    (chosen, rejected), each (pairs in rows,) float32, differentiable, in the order the rows list them."""
-    parts = [pair_logps(model, [encoded_pairs[i] for i in row]) for row in rows]
-    return torch.cat([c for c, _ in parts]), torch.cat([r for _, r in parts])
-
-
 def length_order(encoded_pairs):
     """Pair indices, longest packed pair first (ties by index): neighbouring pairs fill rows alike. Deterministic."""
     size = [_packed_length(group) for group in encoded_pairs]

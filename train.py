@@ -4,7 +4,7 @@ The policy starts as reference 1 of the cache precompute.py wrote and is trained
 references are not loaded: their log-probs come from the cache, so training holds one model whatever K is. A step
 takes --batch-size pairs as whole rows of the cache (the rows reference 1 was scored in, so the policy starts at
 reference 1 exactly: docs/exact-start.md), runs each row's pairs with their shared prompts computed once
-(precompute.row_logps, the code that scored the references) and applies a loss of mrpo.py.
+(precompute.response_logps, the code that scored the references) and applies a loss of mrpo.py.
 
 CPU demo (what `make demo` runs; the bundled data and the two embedded references):
 
@@ -58,7 +58,7 @@ from tqdm import tqdm
 import mrpo
 from precompute import (InputError, atomic_write, autocast, check_flags, check_paths, check_same_format, chunks,
                         default_cache_dir, encode_pairs, fail, finish_distributed, gather, init_distributed,
-                        load_cache, load_model, load_tokenizer, read_data, resolve_device, response_logps, row_logps)
+                        load_cache, load_model, load_tokenizer, read_data, resolve_device, response_logps)
 
 # ----------------------------------------------------------------------------------------------------------------
 # Config
@@ -242,22 +242,15 @@ if args.batch_size % row_pairs or (args.batch_size // row_pairs) % args.grad_acc
 
 
 def ref_logps(c, refs=use):
-    """A cache's (chosen, rejected) log-probs of references `refs` (0-based), (len(refs), N) each, per token if
-    --logps mean; (None, None) for no cache."""
-    if c is None:
-        return None, None
-    if sets:  # (K', N, W) log-probs of the completions, and None
-        return c["logps"][refs] / (c["tokens"][refs].clamp(min=1) if args.logps == "mean" else 1), None
-    if args.logps == "mean":
-        return tuple(c[f"{s}_logps"][refs] / c[f"{s}_tokens"][refs].clamp(min=1) for s in ("chosen", "rejected"))
-    return c["chosen_logps"][refs], c["rejected_logps"][refs]
+    """A cache's log-probs of references `refs` (0-based): (len(refs), N, W), W = 2 for pairs (chosen, rejected),
+    per token if --logps mean."""
+    return c["logps"][refs] / c["tokens"][refs].clamp(min=1) if args.logps == "mean" else c["logps"][refs]
 
 
-ref_chosen_logps, ref_rejected_logps = ref_logps(cache)  # (K, N) each, the loss's references
-eval_ref1 = ref_logps(eval_cache, [0])  # the yardstick of every run: reference 1, the policy's start
+eval_ref1 = ref_logps(eval_cache, [0]) if eval_cache else None  # the yardstick of every run: the policy's start
 weighting = None  # a SlidingWindowWeights or ThompsonSamplingWeights object for --alpha swcw / tsw
 if args.alpha in ("vdw", "vaw"):
-    alpha = (mrpo.vdw_weights if args.alpha == "vdw" else mrpo.vaw_weights)(*ref_logps(val_cache))  # (K,)
+    alpha = (mrpo.vdw_weights if args.alpha == "vdw" else mrpo.vaw_weights)(*ref_logps(val_cache).unbind(2))  # (K,)
     print(f"train.py: --alpha {args.alpha} from {len(val_pairs)} pairs of {args.val_data}: "
           + ", ".join(f"{n} {a:.3f}" for n, a in zip(names, alpha.tolist())), file=sys.stderr)
 elif args.alpha in ("swcw", "tsw"):
@@ -348,67 +341,57 @@ def get_lr(step):
 def loss_terms(rows, encs, c, refs, loss=args.loss, weights=None):
     """Forward the pairs (or sets) of `rows`, one forward per row, and apply the loss against the references `refs`
     (positions among --use-refs) of cache c (None: zeros, for val_accuracy) with weights alpha (default: the run's):
-    (losses (B,), metric sums, tokens, (policy log-probs as the loss saw them, their sums), the pairs' indices).
-    --logps mean divides each sum by the policy's own response token count."""
-    idx = [i for row in rows for i in row]  # the pairs, in the order row_logps returns them
-    count = [[len(e.ids) - e.start for e in encs[i]] for i in idx]
-    refs = [use[k] for k in refs]  # positions among --use-refs -> the cache's references
-    if sets:
-        return set_terms(rows, encs, c, refs, loss, weights, idx, count)
+    (losses (B,), metric sums, tokens, (policy log-probs (B, W) as the loss saw them, their sums), the rows' pair
+    indices). --logps mean divides each sum by the policy's own response token count."""
+    idx = [i for row in rows for i in row]  # the pairs, in the order of the rows
+    width = c["logps"].shape[2] if c is not None else 2
     with autocast(device, args.dtype):
-        sums_c, sums_r = row_logps(model, encs, rows)
-    pc, pr = sums_c, sums_r
-    if args.logps == "mean":
-        count = torch.tensor(count, device=pc.device).clamp(min=1)
-        pc, pr = pc / count[:, 0], pr / count[:, 1]
-    ref_c, ref_r = ref_logps(c, refs) if c is not None else (torch.zeros(1, len(encs)),) * 2
-    rc, rr = ref_c[:, idx].to(device), ref_r[:, idx].to(device)  # (K', B)
-    losses, chosen_rewards, rejected_rewards = mrpo.compute_loss(
-        loss, pc, pr, rc, rr, args.beta, alpha=alpha if weights is None else weights, eps_max=args.eps_max,
-        eps=args.eps, clip=not args.no_clip, loss_type=args.loss_type, label_smoothing=args.label_smoothing)
-    sums = {"loss": losses.detach().sum(), "rewards/chosen": chosen_rewards.sum(),
-            "rewards/rejected": rejected_rewards.sum(),
-            "rewards/accuracies": mrpo.reward_accuracy(chosen_rewards, rejected_rewards, args.beta).sum(),
-            "rewards/margins": (chosen_rewards - rejected_rewards).sum(),
-            "logps/chosen": pc.detach().sum(), "logps/rejected": pr.detach().sum(),
-            "policy/accuracies": mrpo.reward_accuracy(pc.detach(), pr.detach()).sum()}  # log pi(y_w) > log pi(y_l)
+        flat = torch.cat([response_logps(model, [encs[i] for i in row]) for row in rows])  # (responses,)
+    sums = torch.stack([torch.cat([x, x.new_zeros(width - len(x))]) for x in flat.split([len(encs[i]) for i in idx])])
+    count = torch.tensor([[len(e.ids) - e.start for e in encs[i]] + [1] * (width - len(encs[i])) for i in idx])
+    policy = sums / count.to(device).clamp(min=1) if args.logps == "mean" else sums  # (B, W)
+    ref = ref_logps(c, [use[k] for k in refs])[:, idx].to(device) if c is not None else \
+        torch.zeros(1, len(idx), width, device=device)  # (K', B, W)
+    weights = alpha if weights is None else weights
     tokens = sum(len(e.ids) for i in idx for e in encs[i])
-    return losses, sums, tokens, ((pc.detach(), pr.detach()), (sums_c.detach(), sums_r.detach())), idx
+    if sets:
+        return (*set_terms(policy, sums, ref, c, idx, loss, weights), tokens, (policy.detach(), sums.detach()), idx)
+    (pc, pr), (rc, rr) = policy.unbind(1), (x.contiguous() for x in ref.unbind(2))  # (B,), (K', B)
+    losses, chosen_rewards, rejected_rewards = mrpo.compute_loss(
+        loss, pc, pr, rc, rr, args.beta, alpha=weights, eps_max=args.eps_max, eps=args.eps, clip=not args.no_clip,
+        loss_type=args.loss_type, label_smoothing=args.label_smoothing)
+    metrics = {"loss": losses.detach().sum(), "rewards/chosen": chosen_rewards.sum(),
+               "rewards/rejected": rejected_rewards.sum(),
+               "rewards/accuracies": mrpo.reward_accuracy(chosen_rewards, rejected_rewards, args.beta).sum(),
+               "rewards/margins": (chosen_rewards - rejected_rewards).sum(),
+               "logps/chosen": pc.detach().sum(), "logps/rejected": pr.detach().sum(),
+               "policy/accuracies": mrpo.reward_accuracy(pc.detach(), pr.detach()).sum()}  # log pi(y_w) > log pi(y_l)
+    return losses, metrics, tokens, (policy.detach(), sums.detach()), idx
 
 
-def set_terms(rows, encs, c, refs, loss, weights, idx, count):
-    """loss_terms on sets: the policy's log-probs (B, W) of every completion, the set-level loss (mpo_loss against
-    the first reference of refs, mrpo_set_loss against all), and ranking metrics summed over the sets that have a
-    preference (the record divides them by "sets/with_preference": means over those sets)."""
-    with autocast(device, args.dtype):
-        flat = torch.cat([response_logps(model, [encs[i] for i in row]) for row in rows])  # (completions,)
-    width = c["logps"].shape[2]
-    sums = torch.stack([torch.cat([x, x.new_zeros(width - len(x))]) for x in flat.split([len(n) for n in count])])
-    policy = sums / torch.tensor([n + [1] * (width - len(n)) for n in count], device=device).clamp(min=1) \
-        if args.logps == "mean" else sums  # (B, W)
-    ref = ref_logps(c, refs)[0][:, idx].to(device)  # (K', B, W)
+def set_terms(policy, sums, ref, c, idx, loss, weights):
+    """loss_terms on sets: the set-level loss of the policy's (B, W) log-probs (mpo_loss against the first of the
+    (K', B, W) references, mrpo_set_loss against all) and ranking metrics summed over the sets that have a preference
+    (the record divides them by "sets/with_preference": means over those sets). Returns (losses (B,), metric sums)."""
     scores, mask = c["scores"][idx].to(device), c["mask"][idx].to(device)  # (B, W) each
     if loss == "mpo":
         losses, rewards, has = mrpo.mpo_loss(policy, ref[0], scores, mask, args.beta, args.set_weighting, args.gamma)
     else:
-        losses, rewards, has = mrpo.mrpo_set_loss(policy, ref, scores, mask, args.beta,
-                                                  alpha=alpha if weights is None else weights, eps_max=args.eps_max,
-                                                  eps=args.eps, clip=not args.no_clip, weighting=args.set_weighting,
-                                                  gamma=args.gamma)
+        losses, rewards, has = mrpo.mrpo_set_loss(policy, ref, scores, mask, args.beta, alpha=weights,
+                                                  eps_max=args.eps_max, eps=args.eps, clip=not args.no_clip,
+                                                  weighting=args.set_weighting, gamma=args.gamma)
     ranked = mrpo.set_ranking_metrics(rewards, scores, mask, args.beta)
     own = mrpo.set_ranking_metrics(policy.detach(), scores, mask)
     ref1 = mrpo.set_ranking_metrics(sums.detach() - c["logps"][0, idx].to(device), scores, mask)
     sums_of = lambda m, key: (m[key] * has).sum()  # noqa: E731
     better = mask[:, :, None] & mask[:, None, :] & (scores[:, :, None] > scores[:, None, :])  # (B, W, W): i over j
     margins = ((rewards[:, :, None] - rewards[:, None, :]) * better).sum((1, 2)) / better.sum((1, 2)).clamp(min=1)
-    metrics = {"loss": losses.detach().sum(), "sets/with_preference": has.sum(),
-               "rewards/accuracies": sums_of(ranked, "pairwise_accuracy"),
-               "rewards/top1_accuracies": sums_of(ranked, "top1_accuracy"),
-               "rewards/kendall_tau": sums_of(ranked, "kendall_tau_b"), "rewards/margins": (margins * has).sum(),
-               "policy/accuracies": sums_of(own, "pairwise_accuracy"),
-               "ref1/set_accuracies": sums_of(ref1, "pairwise_accuracy")}
-    tokens = sum(len(e.ids) for i in idx for e in encs[i])
-    return losses, metrics, tokens, ((policy.detach(),), (sums.detach(),)), idx
+    return losses, {"loss": losses.detach().sum(), "sets/with_preference": has.sum(),
+                    "rewards/accuracies": sums_of(ranked, "pairwise_accuracy"),
+                    "rewards/top1_accuracies": sums_of(ranked, "top1_accuracy"),
+                    "rewards/kendall_tau": sums_of(ranked, "kendall_tau_b"), "rewards/margins": (margins * has).sum(),
+                    "policy/accuracies": sums_of(own, "pairwise_accuracy"),
+                    "ref1/set_accuracies": sums_of(ref1, "pairwise_accuracy")}
 
 
 def means(totals, n):
@@ -419,8 +402,8 @@ def means(totals, n):
 
 
 def step_weights(evaluating=False):
-    """(loss, alpha, refs) of the coming step, refs the rows of ref_chosen_logps the loss sees. TSW samples its
-    reference here (one draw per step); evaluation takes the one of highest posterior mean instead of drawing."""
+    """(loss, alpha, refs) of the coming step, refs the references the loss sees (positions among --use-refs). TSW
+    samples its reference here (one draw per step); evaluation takes the one of highest posterior mean instead."""
     if args.alpha == "tsw":
         return "dpo", None, [int(weighting.posterior_mean().argmax()) if evaluating else weighting.choose()[0]]
     return args.loss, weighting.alpha() if args.alpha == "swcw" else alpha, list(range(K))
@@ -456,9 +439,9 @@ def evaluate():
     for row in tqdm(eval_cache["rows"][rank::world], desc="eval", leave=False, dynamic_ncols=True, disable=rank != 0):
         _, sums, _, (policy, _), idx = loss_terms([row], eval_encoded, eval_cache, refs, loss, weights)
         if not sets:
-            (pc, pr), (r1c, r1r) = policy, (r[0, idx].to(policy[0].device) for r in eval_ref1)
-            sums["ref1/accuracies"] = mrpo.reward_accuracy(pc - r1c, pr - r1r).sum()
-            sums["ref1/margins"] = args.beta * ((pc - r1c) - (pr - r1r)).sum()
+            chosen, rejected = (policy - eval_ref1[0, idx].to(device)).unbind(1)  # log-ratios to reference 1, (B,)
+            sums["ref1/accuracies"] = mrpo.reward_accuracy(chosen, rejected).sum()
+            sums["ref1/margins"] = args.beta * (chosen - rejected).sum()
         add(totals, sums)
     parts = gather(totals)  # under torchrun each rank scored every world-th row; rank 0 always has one
     model.train()
@@ -467,12 +450,11 @@ def evaluate():
 
 
 def check_start(scored):
-    """At step 0 the policy IS reference 1: its summed log-probs of the step's pairs ([(pair indices, chosen,
-    rejected)] of this rank's micro-batches) must equal the cache's bit for bit when it was made in the same dtype
-    and quantization (same rows, same code). Logs the largest |difference| over all ranks; warns unless 0."""
-    cached = (cache["logps"],) if sets else (cache["chosen_logps"], cache["rejected_logps"])
-    diff = max([0.0] + [float((x.cpu() - c[0, idx]).abs().max()) for idx, *xs in scored for x, c in zip(xs, cached)])
-    parts = gather((diff, sum(len(encoded[i]) for idx, *_ in scored for i in idx)))
+    """At step 0 the policy IS reference 1: its summed log-probs of the step's pairs ([(pair indices, (B, W) sums)]
+    of this rank's micro-batches) must equal the cache's bit for bit when it was made in the same dtype and
+    quantization (same rows, same code). Logs the largest |difference| over all ranks; warns unless 0."""
+    diff = max([0.0] + [float((x.cpu() - cache["logps"][0, idx]).abs().max()) for idx, x in scored])
+    parts = gather((diff, sum(len(encoded[i]) for idx, _ in scored for i in idx)))
     diff, n = max(d for d, _ in parts), sum(m for _, m in parts)
     same = (ref1["dtype"], ref1["quantization"]) == (args.dtype, quant)
     log({"step": 0, "check/ref1_max_abs_diff": diff, "check/sequences": n})
@@ -490,7 +472,7 @@ def check_start(scored):
 def sum_gradients():
     """Under torchrun: the step's gradient is the SUM over ranks of theirs (each divided by the whole batch), in one
     all_reduce of the flattened LoRA gradients per step, as DistributedDataParallel does with one bucket. Not DDP
-    itself: its hooks run through its own forward, and row_logps calls the decoder inside the peft model directly.
+    itself: its hooks run through its own forward, and response_logps calls the decoder inside the peft model directly.
     A rank without pairs this step (an epoch's short last batch) sends zeros."""
     flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params])
     dist.all_reduce(flat, op=dist.ReduceOp.SUM)
@@ -681,7 +663,7 @@ while step < total_steps:
         if not torch.isfinite(loss):
             stop(f"the loss is {float(loss)} (pairs {[i + 1 for i in idx]} of {args.data})", step)
         loss.backward()
-        scored += [(idx, *sequence_sums)] if step == 0 else []
+        scored += [(idx, sequence_sums)] if step == 0 else []
         totals, tokens = add(totals, sums), tokens + n_tokens
     if step == 0:
         check_start(scored)
@@ -699,7 +681,7 @@ while step < total_steps:
     idx = [i for row in batch for i in row]
     chosen_weights = {}  # what set this step's reference weights, for the metrics record
     if args.alpha == "swcw":
-        weighting.update(ref_chosen_logps[:, idx], ref_rejected_logps[:, idx])  # after the step: never its own batch
+        weighting.update(*ref_logps(cache)[:, idx].unbind(2))  # after the step: never its own batch
         chosen_weights = {"alpha": weights.tolist()}
     elif args.alpha == "tsw":
         accuracy_after = val_accuracy(subset)
