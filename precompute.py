@@ -747,8 +747,8 @@ def load_cache(path, pairs, data_path=None):
         out.update({n: torch.stack([tensors[f"chosen_{n}"], tensors[f"rejected_{n}"]], -1) for n in ("logps",
                                                                                                     "tokens")})
     width, sets = out["logps"].shape[2], as_sets(pairs)
-    out["scores"] = torch.stack([_padded(torch.tensor(p["scores"], dtype=torch.float32), width) for p in sets])
-    out["mask"] = torch.stack([_padded(torch.ones(len(p["scores"])), width) for p in sets]).bool()
+    out["scores"] = torch.stack([padded(torch.tensor(p["scores"], dtype=torch.float32), width) for p in sets])
+    out["mask"] = torch.stack([padded(torch.ones(len(p["scores"])), width) for p in sets]).bool()
     return out
 
 
@@ -842,7 +842,7 @@ def score_reference(k, spec, pairs, fingerprints, rows, args, budget):
                 raise _Stop()
             with torch.inference_mode(), autocast(args.device, args.dtype):
                 flat = response_logps(model, [encoded[i] for i in b]).cpu()  # (responses of the batch,)
-            logps[b] = torch.stack([_padded(x, width) for x in flat.split([len(encoded[i]) for i in b])])  # (B, W)
+            logps[b] = torch.stack([padded(x, width) for x in flat.split([len(encoded[i]) for i in b])])  # (B, W)
             done[b], tokens = 1, tokens + sum(len(e.ids) for i in b for e in encoded[i])
             _write_safetensors(partial, {"logps": logps, "done": done}, key)
             budget[0] = None if budget[0] is None else budget[0] - 1
@@ -850,12 +850,12 @@ def score_reference(k, spec, pairs, fingerprints, rows, args, budget):
     for part_logps, part_done, _, _ in parts:
         logps[part_done.bool()] = part_logps[part_done.bool()]
     speed = sum(p[2] for p in parts) / max(p[3] for p in parts) if any(p[2] for p in parts) else None
-    counts = torch.stack([_padded(torch.tensor([len(e.ids) - e.start for e in g], dtype=torch.float32), width)
+    counts = torch.stack([padded(torch.tensor([len(e.ids) - e.start for e in g], dtype=torch.float32), width)
                           for g in encoded])
     return logps, counts, ref, speed
 
 
-def _padded(x, width):
+def padded(x, width):
     """(n,) -> (width,), zeros after x."""
     return torch.cat([x, x.new_zeros(width - len(x))])
 
@@ -1149,6 +1149,7 @@ def load_model(spec, dtype="fp32", load_in_4bit=False, load_in_8bit=False, devic
     if load_in_4bit and load_in_8bit:
         raise ValueError("choose one of load_in_4bit and load_in_8bit")
     location, kwargs = _hf_location(spec, cache_dir), {"dtype": DTYPES[dtype]}
+    tokenizer = load_tokenizer(location)
     if load_in_4bit or load_in_8bit:
         kwargs["device_map"] = {"": device}
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True) if load_in_8bit else BitsAndBytesConfig(
@@ -1161,7 +1162,7 @@ def load_model(spec, dtype="fp32", load_in_4bit=False, load_in_8bit=False, devic
     for module in model.modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
-    return model.eval(), load_tokenizer(location)
+    return model.eval(), tokenizer
 
 
 def load_tokenizer(spec, cache_dir=None):

@@ -58,7 +58,7 @@ from tqdm import tqdm
 import mrpo
 from precompute import (InputError, atomic_write, autocast, check_flags, check_paths, check_same_format, chunks,
                         default_cache_dir, encode_pairs, fail, finish_distributed, gather, init_distributed,
-                        load_cache, load_model, load_tokenizer, read_data, resolve_device, response_logps)
+                        load_cache, load_model, load_tokenizer, padded, read_data, resolve_device, response_logps)
 
 # ----------------------------------------------------------------------------------------------------------------
 # Config
@@ -247,10 +247,16 @@ def ref_logps(c, refs=use):
     return c["logps"][refs] / c["tokens"][refs].clamp(min=1) if args.logps == "mean" else c["logps"][refs]
 
 
+def chosen_rejected(x):
+    """Pairs' (K', N, 2) -> (chosen, rejected), (K', N) each, contiguous (as the losses and weightings take them)."""
+    return tuple(t.contiguous() for t in x.unbind(-1))
+
+
+swcw_refs = chosen_rejected(ref_logps(cache)) if args.alpha == "swcw" else None  # (K, N) each: SWCW's update
 eval_ref1 = ref_logps(eval_cache, [0]) if eval_cache else None  # the yardstick of every run: the policy's start
 weighting = None  # a SlidingWindowWeights or ThompsonSamplingWeights object for --alpha swcw / tsw
 if args.alpha in ("vdw", "vaw"):
-    alpha = (mrpo.vdw_weights if args.alpha == "vdw" else mrpo.vaw_weights)(*ref_logps(val_cache).unbind(2))  # (K,)
+    alpha = (mrpo.vdw_weights if args.alpha == "vdw" else mrpo.vaw_weights)(*chosen_rejected(ref_logps(val_cache)))
     print(f"train.py: --alpha {args.alpha} from {len(val_pairs)} pairs of {args.val_data}: "
           + ", ".join(f"{n} {a:.3f}" for n, a in zip(names, alpha.tolist())), file=sys.stderr)
 elif args.alpha in ("swcw", "tsw"):
@@ -347,16 +353,18 @@ def loss_terms(rows, encs, c, refs, loss=args.loss, weights=None):
     width = c["logps"].shape[2] if c is not None else 2
     with autocast(device, args.dtype):
         flat = torch.cat([response_logps(model, [encs[i] for i in row]) for row in rows])  # (responses,)
-    sums = torch.stack([torch.cat([x, x.new_zeros(width - len(x))]) for x in flat.split([len(encs[i]) for i in idx])])
-    count = torch.tensor([[len(e.ids) - e.start for e in encs[i]] + [1] * (width - len(encs[i])) for i in idx])
-    policy = sums / count.to(device).clamp(min=1) if args.logps == "mean" else sums  # (B, W)
+    sums = torch.stack([padded(x, width) for x in flat.split([len(encs[i]) for i in idx])])  # (B, W)
+    policy = sums  # (B, W) as the loss sees them
+    if args.logps == "mean":  # each sum over the policy's own response tokens
+        count = torch.tensor([[len(e.ids) - e.start for e in encs[i]] + [1] * (width - len(encs[i])) for i in idx])
+        policy = sums / count.to(device).clamp(min=1)
     ref = ref_logps(c, [use[k] for k in refs])[:, idx].to(device) if c is not None else \
         torch.zeros(1, len(idx), width, device=device)  # (K', B, W)
     weights = alpha if weights is None else weights
     tokens = sum(len(e.ids) for i in idx for e in encs[i])
     if sets:
         return (*set_terms(policy, sums, ref, c, idx, loss, weights), tokens, (policy.detach(), sums.detach()), idx)
-    (pc, pr), (rc, rr) = policy.unbind(1), (x.contiguous() for x in ref.unbind(2))  # (B,), (K', B)
+    (pc, pr), (rc, rr) = policy.unbind(1), chosen_rejected(ref)  # (B,), (K', B)
     losses, chosen_rewards, rejected_rewards = mrpo.compute_loss(
         loss, pc, pr, rc, rr, args.beta, alpha=weights, eps_max=args.eps_max, eps=args.eps, clip=not args.no_clip,
         loss_type=args.loss_type, label_smoothing=args.label_smoothing)
@@ -681,7 +689,7 @@ while step < total_steps:
     idx = [i for row in batch for i in row]
     chosen_weights = {}  # what set this step's reference weights, for the metrics record
     if args.alpha == "swcw":
-        weighting.update(*ref_logps(cache)[:, idx].unbind(2))  # after the step: never its own batch
+        weighting.update(*(x[:, idx] for x in swcw_refs))  # after the step: never its own batch
         chosen_weights = {"alpha": weights.tolist()}
     elif args.alpha == "tsw":
         accuracy_after = val_accuracy(subset)
