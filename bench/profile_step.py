@@ -1,0 +1,149 @@
+"""Where the time of a training step goes: matrix multiplies, attention, elementwise work, log-softmax, optimizer.
+
+    python bench/profile_step.py                                 # SmolLM2 + LoRA, 8 hh-rlhf pairs, bf16 and fp32
+    python bench/profile_step.py --dtypes bf16 --row-pairs 1 --threads 16
+    python bench/profile_step.py --device cuda --model Qwen/Qwen2.5-7B-Instruct --dtypes bf16
+
+The step is train.py's: precompute.response_logps over the pairs of one batch (in rows of --row-pairs pairs, shared
+prompts, the output layer at scored positions only), mrpo.dpo_loss against reference log-probs, backward, gradient
+clipping and the AdamW step of the LoRA weights, under the autocast train.py uses. torch.profiler records a few steps
+after a warmup; each operator's own time (self time, so nothing is counted twice) goes to one category:
+
+- matmul: aten::mm, addmm, bmm, matmul and the 4-bit kernels (the dense work);
+- attention: scaled_dot_product_attention and the kernels it dispatches to (flash, math), flex attention;
+- log-softmax: the output layer's log_softmax, its backward and the gather of the targets;
+- optimizer: AdamW's kernels and gradient clipping (foreach / fused);
+- elementwise: every other aten operator (norms, RoPE, SiLU, casts, copies, index, cat);
+- overhead: the step's wall time that no operator accounts for (Python, autograd, dispatch).
+
+It prints the CPU model and whether it has AMX, this machine's bf16 matmul peak measured in the same run (the best
+of repeated 2048 x 2048 products), the step's FLOPs (counted as bench_trl.py counts them) and their fraction of
+that peak, and the share of each category. Goal (issue "speed where matrix multiplies are fast"): outside matmul
+<= 20% of the bf16 step, and >= 25% of the peak.
+"""
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+
+import mrpo  # noqa: E402
+import precompute  # noqa: E402
+from bench_trl import TARGETS, bf16_peak, step_flops  # noqa: E402
+
+CATEGORIES = ["matmul", "attention", "log-softmax", "optimizer", "elementwise", "overhead"]
+
+
+def category(name):
+    """The category of a profiler event's name (an aten operator, or a kernel name on CUDA)."""
+    n = name.lower()
+    if any(k in n for k in ("attention", "flash", "sdpa", "flex")):
+        return "attention"
+    if any(k in n for k in ("log_softmax", "gather", "logsumexp")):
+        return "log-softmax"
+    if any(k in n for k in ("adam", "_foreach", "clip_grad")):
+        return "optimizer"
+    if any(k in n for k in ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "gemm", "int4", "4bit",
+                            "aten::linear", "mkldnn", "onednn")):
+        return "matmul"
+    return "elementwise"
+
+
+def cpu_model():
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    except OSError:
+        return "unknown CPU", False
+    model = next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")), "?")
+    return model, " amx_" in out or "amx_bf16" in out
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    group = parser.add_argument_group("Data")
+    group.add_argument("--data", default=os.path.join(ROOT, "data", "hh-rlhf-harmless", "train.jsonl"),
+                       help="JSONL preference pairs (default: the bundled multi-turn hh-rlhf pairs)")
+    group.add_argument("--batch-size", type=int, default=8, help="pairs per step")
+    group.add_argument("--row-pairs", type=int, default=8, help="pairs per forward (train.py: the cache's rows)")
+    group = parser.add_argument_group("Model")
+    group.add_argument("--model", default="smollm2", help="policy model spec (alias, hub id, directory, .gguf)")
+    group.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=["bf16", "fp32"])
+    group.add_argument("--device", default="cpu", help="cpu or cuda")
+    group.add_argument("--threads", type=int, default=2, help="torch threads (CPU)")
+    group.add_argument("--steps", type=int, default=4, help="profiled steps, after 2 warmup steps")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    from peft import LoraConfig, get_peft_model
+    cpu, amx = cpu_model()
+    peak = bf16_peak() if args.device == "cpu" else None
+    pairs = precompute.read_pairs(args.data)[:args.batch_size]
+    print(f"profile_step: {cpu} (AMX: {'yes' if amx else 'no'}), {args.threads} threads, {args.device}; "
+          + (f"measured bf16 matmul peak {peak / 1e12:.2f} TFLOP/s" if peak else ""), flush=True)
+    for dtype in args.dtypes:
+        model, tokenizer = precompute.load_model(args.model, dtype=dtype, device=args.device)
+        model.config.use_cache = False
+        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS,
+                                                 task_type="CAUSAL_LM"))
+        model.train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=1e-6)
+        encoded = precompute.encode_pairs(tokenizer, pairs)
+        rows = precompute.chunks(list(range(len(encoded))), args.row_pairs)
+        with torch.no_grad(), precompute.autocast(args.device, dtype):
+            ref = torch.cat([precompute.response_logps(model, [encoded[i] for i in r]) for r in rows])  # (2B,)
+
+        def step():
+            losses = []
+            for r in rows:
+                with precompute.autocast(args.device, dtype):
+                    sums = precompute.response_logps(model, [encoded[i] for i in r])  # (2 * pairs of the row,)
+                idx = torch.tensor([2 * i for i in r])
+                loss, _, _ = mrpo.dpo_loss(sums[0::2], sums[1::2], ref[idx] - 1, ref[idx + 1], 0.1)
+                (loss.sum() / len(encoded)).backward()
+                losses.append(loss.detach())
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if args.device != "cpu":
+                torch.cuda.synchronize()
+
+        for _ in range(2):
+            step()
+        times = []
+        activities = [torch.profiler.ProfilerActivity.CPU] + (
+            [torch.profiler.ProfilerActivity.CUDA] if args.device != "cpu" else [])
+        with torch.profiler.profile(activities=activities) as prof:
+            for _ in range(args.steps):
+                t0 = time.perf_counter()
+                step()
+                times.append(time.perf_counter() - t0)
+        total = sum(times)
+        shares = dict.fromkeys(CATEGORIES, 0.0)
+        for event in prof.key_averages():
+            device_time = getattr(event, "self_device_time_total", 0) if args.device != "cpu" else 0
+            seconds = (device_time if args.device != "cpu" else event.self_cpu_time_total) / 1e6
+            if event.key.startswith("aten::") or args.device != "cpu":
+                shares[category(event.key)] += seconds
+        shares["overhead"] = max(0.0, total - sum(shares.values()))
+        flops, computed, sequences = step_flops(model.get_base_model(), encoded)
+        seconds = statistics.median(times)
+        line = " | ".join(f"{name} {shares[name] / total:.0%}" for name in CATEGORIES)
+        print(f"{dtype}: {seconds:.3f} s/step (median of {args.steps}), {flops / 1e9:.0f} GFLOP/step"
+              + (f", {flops / seconds / peak:.1%} of the bf16 peak" if peak else "")
+              + f" | {line} | outside matmul {1 - shares['matmul'] / total:.0%} (goal <= 20%)", flush=True)
+        top = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:12]
+        print("  top operators by self time: " + ", ".join(
+            f"{e.key} {e.self_cpu_time_total / 1e6 / total:.0%}" for e in top))
+        del model, optimizer
+
+
+if __name__ == "__main__":
+    main()
