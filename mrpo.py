@@ -11,12 +11,11 @@ arXiv:2512.10040 (VDW, VAW, SWCW, TSW), and losses over sets of N scored respons
 
 Shapes: B pairs, K references (row 0 is reference 1, the model the policy starts from). Every log-prob is a summed
 sequence log-prob log pi(y|x) <= 0, computed in float32 at least (bf16/fp16 inputs are upcast, float64 stays).
-policy_chosen_logps, policy_rejected_logps (B,); ref_chosen_logps, ref_rejected_logps (K, B) (dpo_loss: (B,));
-alpha (K, B) after resolve_alpha; eps (B,) or a float. Reference log-probs are constants: the losses detach them.
-The pair losses share their options: alpha ("arwc" | "uniform" | weights, see resolve_alpha), eps_max (Eq. 9's
-bound, for the adaptive eps), eps (a fixed eps instead), clip (False turns CTRO off), loss_type and label_smoothing
-(see margin_loss). Each returns (losses, chosen_rewards, rejected_rewards), (B,) each, with the implicit rewards
-beta (log pi_theta - log pi_ref) detached; the caller reduces.
+The pair losses take policy_chosen_logps, policy_rejected_logps (B,), ref_chosen_logps, ref_rejected_logps (K, B)
+(dpo_loss: (B,)) and beta; the multi-reference ones also alpha ("arwc" | "uniform" | weights: resolve_alpha), eps_max
+(Eq. 9's bound, for the adaptive eps), eps (a fixed eps instead, float or (B,)) and clip (False: no CTRO); all take
+loss_type and label_smoothing (margin_loss). Each returns (losses, chosen_rewards, rejected_rewards), (B,) each, the
+implicit rewards beta (log pi_theta - log pi_ref) detached; the caller reduces. The losses detach the references.
 
 Where this code and its scripts depart from the paper, the authors' code (github.com/thaihungle/MRPO) or their
 setup, and why (this is the one list; the README links here):
@@ -45,15 +44,14 @@ import torch.nn.functional as F
 
 def virtual_reference_logps(ref_logps, alpha):
     r"""Log-prob of the virtual reference, Prop. 1: a weighted harmonic mean of the references' probabilities.
+    ref_logps: (K, B). alpha: (K, B) or (K,), summing to 1 over k; alpha_k = 0 drops reference k (log 0 = -inf in
+    the logsumexp). Returns (B,). Stable for any log-probs (e^-5000 is never formed outside log space). Bounds:
+    min_k log pi_k <= log pi_tilde <= min_k (log pi_k - log alpha_k): the reference that finds y least likely rules.
 
     .. math::
         \tilde\pi_{ref}(y|x) = \Big(\sum_{k=1}^{K} \frac{\alpha_k}{\pi_{ref}^k(y|x)}\Big)^{-1},
         \qquad
         \log\tilde\pi_{ref}(y|x) = -\operatorname{logsumexp}_k\big(\log\alpha_k - \log\pi_{ref}^k(y|x)\big)
-
-    ref_logps: (K, B). alpha: (K, B) or (K,), summing to 1 over k; alpha_k = 0 drops reference k (log 0 = -inf in
-    the logsumexp). Returns (B,). Stable for any log-probs (e^-5000 is never formed outside log space). Bounds:
-    min_k log pi_k <= log pi_tilde <= min_k (log pi_k - log alpha_k): the reference that finds y least likely rules.
     """
     alpha = alpha if alpha.dim() == 2 else alpha[:, None].expand_as(ref_logps)  # (K,) -> (K, B)
     return -torch.logsumexp(torch.log(alpha) - ref_logps, dim=0)  # Prop. 1
@@ -61,17 +59,15 @@ def virtual_reference_logps(ref_logps, alpha):
 
 def adaptive_eps(ref_chosen_logps, ref_rejected_logps, eps_max):
     r"""Per-response trust-region size, Eq. 9, from the RAW (unclipped) reference log-probs.
+    Returns (eps_chosen (B,), eps_rejected (B,)), which sum to eps_max: the response with more log-prob mass
+    (usually the longer one) gets the wider region. A pair whose reference log-probs are all 0 gets eps_max / 2 each.
 
     .. math::
         \epsilon(y|x) = \epsilon_{max}\,
             \frac{\big|\sum_k \log\pi_{ref}^k(y|x)\big|}
                  {\sum_{y' \in \{y_w, y_l\}} \big|\sum_k \log\pi_{ref}^k(y'|x)\big|}
-
-    Returns (eps_chosen (B,), eps_rejected (B,)), which sum to eps_max: the response with more log-prob mass
-    (usually the longer one) gets the wider region. A pair whose reference log-probs are all 0 gets eps_max / 2 each.
     """
-    mass_w = ref_chosen_logps.sum(0).abs()  # |sum_k log pi_k(y_w|x)|, (B,)
-    mass_l = ref_rejected_logps.sum(0).abs()
+    mass_w, mass_l = ref_chosen_logps.sum(0).abs(), ref_rejected_logps.sum(0).abs()  # |sum_k log pi_k(y|x)|, (B,)
     total = mass_w + mass_l
     share_w = torch.where(total > 0, mass_w / torch.where(total > 0, total, 1.0), 0.5)  # Eq. 9; 0/0 -> 1/2
     return eps_max * share_w, eps_max * (1 - share_w)
@@ -79,16 +75,14 @@ def adaptive_eps(ref_chosen_logps, ref_rejected_logps, eps_max):
 
 def ctro_clip(ref_logps, eps):
     r"""Clipped Trust-Region Optimisation, Eq. 8: clip references k > 1 into a region around reference 1.
+    Log-probs are <= 0, so (1+eps) log pi_1 is the LOWER end. ref_logps: (K, B); eps >= 0. Returns (K, B), row 0
+    unchanged; eps = 0 collapses every reference onto reference 1.
 
     .. math::
         \log\hat\pi_{ref}^k(y|x) = \operatorname{clip}\big(\log\pi_{ref}^k(y|x),\;
             (1+\epsilon)\log\pi_{ref}^1(y|x),\; (1-\epsilon)\log\pi_{ref}^1(y|x)\big), \quad k > 1
-
-    Log-probs are <= 0, so (1+eps) log pi_1 is the LOWER end. ref_logps: (K, B); eps >= 0. Returns (K, B), row 0
-    unchanged; eps = 0 collapses every reference onto reference 1.
     """
-    ref1 = ref_logps[0]  # (B,)
-    eps = torch.as_tensor(eps, dtype=ref_logps.dtype, device=ref_logps.device)
+    ref1, eps = ref_logps[0], torch.as_tensor(eps, dtype=ref_logps.dtype, device=ref_logps.device)  # (B,), eps
     lower, upper = (1 + eps) * ref1, (1 - eps) * ref1  # Eq. 8, (B,) each
     others = torch.clamp(ref_logps[1:], min=lower, max=upper)  # (K-1, B), broadcast over k
     return torch.cat([ref_logps[:1], others], dim=0)
@@ -97,13 +91,12 @@ def ctro_clip(ref_logps, eps):
 @torch.no_grad()
 def arwc_weights(ref_chosen_logps, ref_rejected_logps):
     r"""Adaptive Reference Weighting Coefficients, Eq. 10: each reference's confidence on this pair, normalised.
+    From the RAW log-probs. Returns alpha (K, B), without gradient; every margin 0 gives uniform weights 1/K.
+    alpha_k weights reference k's OWN term in Prop. 1 (the module docstring gives the authors' K=2 variant).
 
     .. math::
         \alpha_k = \frac{\big|\log\pi_{ref}^k(y_w|x) - \log\pi_{ref}^k(y_l|x)\big|}
                         {\sum_{j=1}^{K} \big|\log\pi_{ref}^j(y_w|x) - \log\pi_{ref}^j(y_l|x)\big|}
-
-    From the RAW log-probs. Returns alpha (K, B), without gradient; every margin 0 gives uniform weights 1/K.
-    alpha_k weights reference k's OWN term in Prop. 1 (the module docstring gives the authors' K=2 variant).
     """
     confidence = (ref_chosen_logps - ref_rejected_logps).abs()  # (K, B), Eq. 10 numerator
     total = confidence.sum(0, keepdim=True)  # (1, B)
@@ -112,13 +105,10 @@ def arwc_weights(ref_chosen_logps, ref_rejected_logps):
 
 
 def resolve_alpha(alpha, ref_chosen_logps, ref_rejected_logps):
-    r"""Turn the alpha option into weights (K, B) that sum to 1 over k.
-
-    alpha: "arwc" (Eq. 10, per pair), "uniform" (1/K), or non-negative weights (K,) or (K, B), a tensor or a
-    sequence, normalised over k (Prop. 1 assumes they sum to 1). A single number (the paper's fixed-alpha runs), for
-    K = 2 only, is the weight of reference 1 in [0, 1], reference 2 getting 1 - alpha:
-    :math:`\tilde\pi_{ref} = (\alpha / \pi_{ref}^1 + (1-\alpha) / \pi_{ref}^2)^{-1}` (the authors' code, too, gives
-    its fixed alpha to the initial model, our reference 1).
+    r"""Turn the alpha option into weights (K, B) that sum to 1 over k: "arwc" (Eq. 10, per pair), "uniform" (1/K),
+    or non-negative weights (K,) or (K, B), normalised over k. A single number (the paper's fixed-alpha runs), for
+    K = 2 only, is the weight of reference 1 in [0, 1], as in the authors' code (reference 1 is their initial model):
+    :math:`\tilde\pi_{ref} = (\alpha / \pi_{ref}^1 + (1-\alpha) / \pi_{ref}^2)^{-1}`.
     """
     K, B = ref_chosen_logps.shape
     if isinstance(alpha, str):
@@ -174,40 +164,36 @@ def _references(ref_chosen_logps, ref_rejected_logps, alpha, eps_max, eps, clip)
 
 
 def virtual_reference_pair(ref_chosen_logps, ref_rejected_logps, alpha="arwc", eps_max=0.1, eps=None, clip=True):
-    r"""The virtual reference of a pair's two responses, as MRPO (Eq. 7) uses it: alpha resolved on the RAW
-    log-probs (ARWC, Eq. 10, by default), CTRO (Eq. 8, 9), then Prop. 1 on the clipped log-probs.
+    r"""The virtual reference of a pair's two responses as MRPO (Eq. 7) uses it: alpha on the RAW log-probs (ARWC,
+    Eq. 10, by default), CTRO (Eq. 8, 9), then Prop. 1 on the clipped log-probs.
+    Returns (virtual_chosen_logps, virtual_rejected_logps), (B,) each, detached. MRPO is DPO against it:
+    mrpo_loss(pc, pr, rc, rr, beta) = dpo_loss(pc, pr, *virtual_reference_pair(rc, rr), beta) (precompute.py's
+    --export-trl serves TRL so).
 
     .. math::
         \log\tilde\pi_{ref}(y|x) = -\operatorname{logsumexp}_k\big(\log\alpha_k - \log\hat\pi_{ref}^k(y|x)\big),
         \qquad y \in \{y_w, y_l\}
-
-    Returns (virtual_chosen_logps (B,), virtual_rejected_logps (B,)), float32 at least, detached. It depends on the
-    references alone, so MRPO is DPO against it: mrpo_loss(pc, pr, rc, rr, beta) equals
-    dpo_loss(pc, pr, *virtual_reference_pair(rc, rr), beta), which is how precompute.py --export-trl serves TRL.
     """
     alpha, ref_w, ref_l = _references(ref_chosen_logps, ref_rejected_logps, alpha, eps_max, eps, clip)
     return virtual_reference_logps(ref_w, alpha), virtual_reference_logps(ref_l, alpha)  # Prop. 1, (B,) each
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Losses: each returns (losses (B,), chosen_rewards (B,), rejected_rewards (B,)), rewards detached.
+# Losses: their arguments and what they return are in the module docstring
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
 
 
 def margin_loss(logits, beta, loss_type="sigmoid", label_smoothing=0.0):
     r"""A pair's loss as a function of h = log(pi_theta/pi_ref)(y_w) - log(pi_theta/pi_ref)(y_l): (B,) -> (B,).
+    sigmoid is DPO's Eq. 5 (arXiv:2305.18290), with label smoothing eps > 0 cDPO (each label flipped with probability
+    eps); ipo is IPO's Eq. 17 (arXiv:2310.12036v2); hinge is SLiC's and RSO's (arXiv:2305.10425, 2309.06657); robust
+    is rDPO's unbiased loss for labels flipped with probability eps < 1/2 (arXiv:2403.00409), as TRL's loss_types.
 
     .. math::
         \text{sigmoid: } -(1-\varepsilon)\log\sigma(\beta h) - \varepsilon\log\sigma(-\beta h) \qquad
         \text{ipo: } \big(h - \tfrac{1}{2\beta}\big)^2 \qquad \text{hinge: } \max(0,\ 1 - \beta h) \qquad
         \text{robust: } \frac{-(1-\varepsilon)\log\sigma(\beta h) + \varepsilon\log\sigma(-\beta h)}{1 - 2\varepsilon}
-
-    sigmoid is DPO's Eq. 5 (arXiv:2305.18290), with label smoothing eps > 0 conservative DPO (cDPO: each label
-    flipped with probability eps); ipo is IPO's Eq. 17 (arXiv:2310.12036v2); hinge is SLiC's and RSO's
-    (arXiv:2305.10425, 2309.06657); robust is rDPO's unbiased loss for labels flipped with probability eps < 1/2
-    (arXiv:2403.00409). TRL's loss_type of the same names computes the same. With MRPO pi_ref is the virtual
-    reference, with Multi-DPO each reference in its own term.
     """
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
@@ -243,31 +229,28 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
 
 def mrpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta,
               alpha="arwc", eps_max=0.1, eps=None, clip=True, loss_type="sigmoid", label_smoothing=0.0):
-    r"""MRPO, Eq. 7: DPO against the virtual reference of Prop. 1, with CTRO (Eq. 8, 9) and ARWC (Eq. 10).
+    r"""MRPO, Eq. 7: DPO against the virtual reference of Prop. 1, with CTRO (Eq. 8, 9; \hat\pi^k the clipped
+    references) and ARWC (Eq. 10). K = 1 or eps = 0 gives exactly DPO against reference 1. Rewards are against the
+    virtual reference.
 
     .. math::
         \mathcal{L}_{MRPO} = -\log\sigma\Big(\beta\log\frac{\pi_\theta(y_w|x)}{\tilde\pi_{ref}(y_w|x)}
                                            - \beta\log\frac{\pi_\theta(y_l|x)}{\tilde\pi_{ref}(y_l|x)}\Big),
         \quad \tilde\pi_{ref} = \Big(\sum_k \frac{\alpha_k}{\hat\pi_{ref}^k}\Big)^{-1}
-
-    where \hat\pi^k are the CTRO-clipped references. K = 1 or eps = 0 gives exactly DPO against reference 1.
-    Rewards are measured against the virtual reference.
     """
-    virtual_w, virtual_l = virtual_reference_pair(ref_chosen_logps, ref_rejected_logps, alpha, eps_max, eps,
-                                                  clip)  # Eq. 10, 8, 9, Prop. 1: (B,) each
+    virtual_w, virtual_l = virtual_reference_pair(ref_chosen_logps, ref_rejected_logps, alpha, eps_max, eps, clip)
     return dpo_loss(policy_chosen_logps, policy_rejected_logps, virtual_w, virtual_l, beta, loss_type,
-                    label_smoothing)  # Eq. 7
+                    label_smoothing)  # Eq. 7 against Prop. 1's virtual reference (Eq. 8, 9, 10 inside)
 
 
 def multi_dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta,
                    alpha="arwc", eps_max=0.1, eps=None, clip=True, loss_type="sigmoid", label_smoothing=0.0):
     r"""Multi-DPO baseline, Eq. 11: the alpha-weighted sum of K DPO losses, one per (clipped) reference.
+    With CTRO and alpha as in mrpo_loss (the paper's baseline uses them too). Rewards are the alpha-weighted mean of
+    the per-reference rewards, i.e. against the geometric mixture sum_k alpha_k log pi_k.
 
     .. math::
         \mathcal{L}_{Multi\text{-}DPO} = \sum_{k=1}^{K} \alpha_k\, \mathcal{L}_{DPO}(\pi_\theta; \hat\pi_{ref}^k)
-
-    With CTRO and alpha as in mrpo_loss (the paper's baseline uses them too). Rewards are the alpha-weighted mean of
-    the per-reference rewards, i.e. against the geometric mixture sum_k alpha_k log pi_k.
     """
     policy_chosen_logps, policy_rejected_logps = _up(policy_chosen_logps), _up(policy_rejected_logps)
     alpha, ref_w, ref_l = _references(ref_chosen_logps, ref_rejected_logps, alpha, eps_max, eps, clip)  # (K, B)
@@ -281,13 +264,12 @@ def multi_dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
 
 def mean_ref_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta,
                   alpha="arwc", eps_max=0.1, eps=None, clip=True, loss_type="sigmoid", label_smoothing=0.0):
-    r"""Mean-Ref baseline: DPO against the arithmetic mixture of the (clipped) references.
+    r"""Mean-Ref baseline: DPO against the arithmetic mixture of the (clipped) references, which the reference that
+    finds y MOST likely dominates (the opposite of the harmonic virtual reference).
 
     .. math::
         \log\bar\pi_{ref}(y|x) = \log\sum_k \alpha_k\,\hat\pi_{ref}^k(y|x)
                                = \operatorname{logsumexp}_k\big(\log\alpha_k + \log\hat\pi_{ref}^k(y|x)\big)
-
-    It is dominated by the reference that finds y MOST likely, the opposite of the harmonic virtual reference.
     """
     alpha, ref_w, ref_l = _references(ref_chosen_logps, ref_rejected_logps, alpha, eps_max, eps, clip)  # (K, B)
     mean_w = torch.logsumexp(torch.log(alpha) + ref_w, dim=0)  # (B,)
@@ -310,26 +292,23 @@ def compute_loss(name, policy_chosen_logps, policy_rejected_logps, ref_chosen_lo
                         alpha, eps_max, eps, clip, loss_type, label_smoothing)
 
 
-
 # ================================================================================================================
-# Beyond the paper's core: the metric and option parser the scripts share, Proposition 2 as it holds, the
-# weightings of arXiv:2512.10040 (VDW, VAW, SWCW, TSW), and losses over sets of scored responses (MPO)
+# Beyond the paper's core: the metric and option parser the scripts share, Proposition 2 as it holds, the weightings
+# of arXiv:2512.10040 and losses over sets of scored responses (MPO)
 
 TIE_NATS = 1e-4  # a margin under this many nats is a tie: float noise, e.g. between the same policy in other rows
 
 
 def reward_accuracy(chosen_rewards, rejected_rewards, beta=1.0, tol=TIE_NATS):
-    r"""Preference accuracy (TRL's rewards/accuracies) per pair: 1 if y_w has the larger reward, 0 if y_l has, 1/2
-    for a tie (a margin under tol nats), so that a policy equal to its reference (every reward 0) scores 0.5.
+    r"""Preference accuracy (TRL's rewards/accuracies) per pair, from rewards (B,) with their beta or log-probs with
+    beta = 1: 1/2 for a tie, a margin under tol nats, so that a policy equal to its reference scores 0.5, not 0.
 
     .. math::
         \mathrm{acc} = \mathbb{1}[m \ge \tau] + \tfrac12\,\mathbb{1}[|m| < \tau],
         \qquad m = (r(x, y_w) - r(x, y_l)) / \beta
-
-    Rewards (B,) with their beta, or plain log-probs with beta = 1. Returns (B,) float32; the mean is the accuracy.
     """
     margin = (chosen_rewards.float() - rejected_rewards.float()) / beta  # (B,) in nats
-    return torch.where(margin.abs() < tol, 0.5, (margin > 0).float())
+    return torch.where(margin.abs() < tol, 0.5, (margin > 0).float())  # (B,) float32; the mean is the accuracy
 
 
 def parse_alpha(text, K):
@@ -356,112 +335,90 @@ def parse_alpha(text, K):
 
 
 def jensen_gap(neg_logps, alpha):
-    r"""J_alpha(a) = logsumexp_k(log alpha_k + a_k) - sum_k alpha_k a_k >= 0, for a_k = -log pi_k(y|x) (nats).
-
-    Zero iff all a_k with alpha_k > 0 are equal; at most max_k a_k - min_k a_k. neg_logps, alpha: (K, B) -> (B,).
-    """
+    r"""J_alpha(a) = logsumexp_k(log alpha_k + a_k) - sum_k alpha_k a_k >= 0, for a_k = -log pi_k(y|x) (nats): zero
+    iff all a_k with alpha_k > 0 are equal, at most max_k a_k - min_k a_k. neg_logps, alpha: (K, B) -> (B,)."""
     return torch.logsumexp(torch.log(alpha) + neg_logps, dim=0) - (alpha * neg_logps).sum(0)
 
 
 def prop2_bound(ref_chosen_logps, ref_rejected_logps, alpha):
-    r"""Prop. 2 as it holds: the gap between the harmonic virtual reference's margin and the alpha-weighted mean one.
-
-    With the policy margin h = log pi_theta(y_w) - log pi_theta(y_l), reference k's margin m_k and
-    d_k = beta (m_k - h), the DPO loss against reference k has dL_k/dh = -beta sigmoid(d_k): |grad| is
-    beta sum_k alpha_k sigmoid(d_k) |grad h| for Multi-DPO (Eq. 11), beta sigmoid(d_tilde) |grad h| for MRPO, with
-    d_tilde = beta (m_tilde - h). Prop. 2 (as printed) compares the two when all d_k share a sign. What is true:
-    (a) Geometric-mean reference, m_geo = sum_k alpha_k m_k: d_geo = sum_k alpha_k d_k, and as sigmoid is concave on
-        [0, inf) and convex on (-inf, 0], Jensen's inequality gives: all d_k >= 0 => sigmoid(d_geo) >=
-        sum_k alpha_k sigmoid(d_k); all d_k <= 0 => sigmoid(d_geo) <= sum_k alpha_k sigmoid(d_k).
-    (b) Harmonic virtual reference (Prop. 1). With a_k = -log pi_k(y_w), b_k = -log pi_k(y_l),
-        log pi_tilde(y) = -logsumexp_k(log alpha_k + a_k) = -sum_k alpha_k a_k - J_alpha(a), so
-        d_tilde = sum_k alpha_k d_k + beta (J(b) - J(a)): (a) carries over exactly when all d_k >= 0 and
-        J(b) >= J(a) (resp. all d_k <= 0 and J(b) <= J(a)). Otherwise it can fail: references that disagree more on
-        y_w than on y_l (J(a) > J(b)) pull m_tilde below m_geo.
-    (c) With CTRO every a_k lies in [(1-eps_w) a_1, (1+eps_w) a_1] (likewise b), and J(x) <= max x - min x, so
-        |J(b) - J(a)| <= 2 max(eps_w a_1, eps_l b_1) =: delta; sigmoid being 1/4-Lipschitz, the printed
-        inequalities hold up to beta delta / 4 (sigmoid(d_tilde) >= sum_k alpha_k sigmoid(d_k) - beta delta / 4 for
-        all d_k >= 0, and mirrored), and exactly at eps = 0.
-
-    ref_chosen_logps, ref_rejected_logps, alpha: (K, B), the clipped log-probs if CTRO is on. Returns J(b) - J(a),
-    (B,): the exact shift d_tilde - sum_k alpha_k d_k, divided by beta.
+    r"""Prop. 2 as it holds: is MRPO's gradient larger (or smaller) than Multi-DPO's? Inputs (K, B), clipped if CTRO
+    is on. With the policy margin h, reference k's margin m_k and d_k = beta (m_k - h), the DPO loss against
+    reference k has dL_k/dh = -beta sigmoid(d_k), so |grad| is beta sum_k alpha_k sigmoid(d_k) |grad h| for Multi-DPO
+    (Eq. 11) and beta sigmoid(d_tilde) |grad h| for MRPO, d_tilde = beta (m_tilde - h). Prop. 2 (as printed) compares
+    the two when all d_k share a sign. What is true:
+    (a) Geometric mean, m_geo = sum_k alpha_k m_k: d_geo = sum_k alpha_k d_k, and sigmoid is concave on [0, inf),
+        convex on (-inf, 0], so by Jensen all d_k >= 0 => sigmoid(d_geo) >= sum_k alpha_k sigmoid(d_k) (<= if <= 0).
+    (b) Harmonic (Prop. 1): with a_k = -log pi_k(y_w), b_k = -log pi_k(y_l), log pi_tilde(y_w) =
+        -logsumexp_k(log alpha_k + a_k) = -sum_k alpha_k a_k - J_alpha(a), so d_tilde = sum_k alpha_k d_k +
+        beta (J(b) - J(a)): (a) carries over exactly when all d_k >= 0 and J(b) >= J(a) (all <= 0 and J(b) <= J(a)),
+        and can fail otherwise: references that disagree more on y_w than on y_l pull m_tilde below m_geo.
+    (c) With CTRO every a_k lies in [(1-eps_w) a_1, (1+eps_w) a_1] (likewise b) and J(x) <= max x - min x, so
+        |J(b) - J(a)| <= 2 max(eps_w a_1, eps_l b_1) =: delta, and sigmoid being 1/4-Lipschitz the printed
+        inequalities hold up to beta delta / 4, exactly at eps = 0.
+    Returns J(b) - J(a), (B,): d_tilde's exact shift from sum_k alpha_k d_k, divided by beta.
     """
     return jensen_gap(-ref_rejected_logps, alpha) - jensen_gap(-ref_chosen_logps, alpha)
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Weightings beyond ARWC (Echarghaoui and Wu, arXiv:2512.10040) that never look at the pair being trained on
-#
-# m_k = log pi_k(y_w|x) - log pi_k(y_l|x) is reference k's margin on a pair. VDW and VAW fix alpha (K,) once, from M
-# held-out pairs; SWCW sets it each step from the batches already trained on; TSW picks one reference per step as a
-# K-armed bandit. Each alpha is (K,), sums to 1, and is the alpha of mrpo_loss, multi_dpo_loss and mean_ref_loss.
-# alpha_k = 0 drops reference k from the virtual reference exactly (log 0 = -inf in Prop. 1), but a zero-weighted
-# reference k > 1 still counts in the mass that sets Eq. 9's adaptive eps: to drop it from the loss entirely, pass
-# a fixed eps (or clip=False), or leave its row out.
+# Weightings that never look at the pair being trained on (Echarghaoui and Wu, arXiv:2512.10040), with m_k reference
+# k's margin: VDW and VAW fix alpha (K,) from M held-out pairs, SWCW sets it each step from the batches trained on,
+# TSW picks one reference per step (a bandit). alpha_k = 0 drops reference k from Prop. 1 exactly, but k > 1 still
+# counts in Eq. 9's adaptive eps: pass a fixed eps, or leave its row out.
 
 
-def _margins(ref_chosen_logps, ref_rejected_logps):
-    """m_k = log pi_k(y_w|x) - log pi_k(y_l|x): (K, N) -> (K, N), float64 on the CPU (sums over many pairs)."""
+def _margins(ref_chosen_logps, ref_rejected_logps, validation=False):
+    """m_k: (K, N) -> (K, N), float64 on the CPU (sums over many pairs); validation: M >= 1 finite pairs."""
+    if validation:
+        _check_refs(ref_chosen_logps, ref_rejected_logps)
+        if ref_chosen_logps.shape[1] == 0:
+            raise ValueError("no validation pairs (M = 0): VDW and VAW need the references' log-probs on at least "
+                             "one held-out pair; give (K, M) tensors with M >= 1")
     return ref_chosen_logps.detach().to("cpu", torch.float64) - ref_rejected_logps.detach().to("cpu", torch.float64)
 
 
-def _validation_margins(val_chosen_logps, val_rejected_logps):
-    """(K, M) reference log-probs on M >= 1 validation pairs -> margins (K, M)."""
-    _check_refs(val_chosen_logps, val_rejected_logps)
-    if val_chosen_logps.shape[1] == 0:
-        raise ValueError("no validation pairs (M = 0): VDW and VAW need the references' log-probs on at least one "
-                         "held-out pair; give (K, M) tensors with M >= 1")
-    return _margins(val_chosen_logps, val_rejected_logps)
-
-
-def _normalise(scores):
-    """Scores (K,) >= 0 -> weights (K,) summing to 1; all-zero scores (nothing to prefer) -> uniform 1/K."""
+def _normalise(scores, like=None):
+    """Scores (K,) >= 0 -> weights (K,) summing to 1 (in like's dtype and device); all 0 -> uniform 1/K."""
     total = scores.sum()
-    return scores / total if total > 0 else torch.full_like(scores, 1.0 / scores.shape[0])
+    alpha = scores / total if total > 0 else torch.full_like(scores, 1.0 / scores.shape[0])
+    return alpha if like is None else alpha.to(like.device, like.dtype)
 
 
 @torch.no_grad()
 def vdw_weights(val_chosen_logps, val_rejected_logps):
     r"""Validation-set discrimination weighting (VDW, arXiv:2512.10040): ARWC's confidence, summed over a held-out set.
+    val_*: (K, M) RAW reference log-probs on M validation pairs, never the training ones. Returns alpha (K,) in their
+    dtype and device, fixed for the run; M = 1 is ARWC (Eq. 10). Like ARWC it rewards large margins, right or wrong.
 
     .. math::
         \alpha_k = \frac{\sum_{i=1}^{M} \big|m_k^{(i)}\big|}{\sum_{j=1}^{K} \sum_{i=1}^{M} \big|m_j^{(i)}\big|},
         \qquad m_k^{(i)} = \log\pi_{ref}^k(y_w^{(i)}|x^{(i)}) - \log\pi_{ref}^k(y_l^{(i)}|x^{(i)})
-
-    val_*: (K, M) RAW reference log-probs on M validation pairs, never the training pairs. Returns alpha (K,) in
-    their dtype and device, fixed for the run. M = 1 gives ARWC (Eq. 10); all margins 0: uniform. Like ARWC it
-    rewards large margins, right or wrong (scaling reference k's log-probs by c > 0 scales its raw weight by c).
     """
-    margins = _validation_margins(val_chosen_logps, val_rejected_logps)  # (K, M)
-    return _normalise(margins.abs().sum(1)).to(val_chosen_logps.device, val_chosen_logps.dtype)  # VDW, (K,)
+    margins = _margins(val_chosen_logps, val_rejected_logps, validation=True)  # (K, M)
+    return _normalise(margins.abs().sum(1), like=val_chosen_logps)  # VDW, (K,)
 
 
 @torch.no_grad()
 def vaw_weights(val_chosen_logps, val_rejected_logps):
     r"""Validation-set accuracy weighting (VAW, arXiv:2512.10040): each reference's preference accuracy, normalised.
+    val_*, alpha as in vdw_weights. A tie counts as wrong; no reference ever right (swapped labels?) gives 1/K each.
 
     .. math::
         \alpha_k = \frac{n_k}{\sum_{j=1}^{K} n_j}, \qquad n_k = \#\{i : m_k^{(i)} > 0\}
-
-    val_*: (K, M) as in vdw_weights; returns alpha (K,) likewise. A tie (m_k = 0) counts as wrong; a reference right
-    on no pair gets alpha_k = 0 (see the note above this section on eps). If no reference is ever right, alpha is
-    uniform, but that usually means swapped labels or cache. Only signs count: invariant to rescaling by c > 0.
     """
-    margins = _validation_margins(val_chosen_logps, val_rejected_logps)  # (K, M)
-    return _normalise((margins > 0).sum(1).to(torch.float64)).to(val_chosen_logps.device, val_chosen_logps.dtype)  # VAW
+    margins = _margins(val_chosen_logps, val_rejected_logps, validation=True)  # (K, M)
+    return _normalise((margins > 0).sum(1).to(torch.float64), like=val_chosen_logps)  # VAW, (K,)
 
 
 class SlidingWindowWeights:
     r"""Sliding-window confidence weighting (SWCW, arXiv:2512.10040): ARWC's confidence pooled over the last W batches.
+    N_t (below) counts the pairs of batches t-W .. t-1: step t's weights never see batch t (ARWC's do). Per step:
+    alpha = sw.alpha() (uniform at first); the loss on batch t; sw.update(ref_chosen_t, ref_rejected_t).
+    state_dict() is plain Python (weights_only-safe): a checkpoint resumes exactly.
 
     .. math::
         c_k^{(t)} = \frac{1}{N_t} \sum_{s=t-W}^{t-1} \sum_{i \in \text{batch } s} \big|m_k^{(i)}\big|,
         \qquad \alpha_k^{(t)} = \frac{c_k^{(t)}}{\sum_{j=1}^{K} c_j^{(t)}}
-
-    N_t counts the pairs of batches t-W .. t-1 (it cancels in alpha; c_k is the mean confidence per pair, worth
-    logging). Step t's weights never see batch t, unlike ARWC's Eq. 10. Before any update, or all margins 0: uniform.
-    Per optimizer step: alpha = sw.alpha(); the loss with alpha on batch t; sw.update(ref_chosen_t, ref_rejected_t).
-    state_dict() is plain Python (torch.save(..., weights_only=True) accepts it), so a checkpoint resumes exactly.
     """
 
     def __init__(self, K, window=1):
@@ -469,8 +426,7 @@ class SlidingWindowWeights:
             raise ValueError(f"SlidingWindowWeights needs K >= 1 references and window >= 1 batches, "
                              f"got K={K}, window={window}")
         self.K, self.window = K, window
-        self.sums = []  # per batch, oldest first, the last `window` only: [sum_i |m_1(i)|, ..., sum_i |m_K(i)|]
-        self.counts = []  # per batch: its number of pairs
+        self.sums, self.counts = [], []  # per batch of the window, oldest first: [sum_i |m_k(i)| for k], its pairs
 
     def confidence(self):
         """c_k: mean |m_k| per pair over the window, (K,) float64; zeros before any update."""
@@ -505,17 +461,13 @@ class SlidingWindowWeights:
 
 class ThompsonSamplingWeights:
     r"""Thompson-sampling weighting (TSW, arXiv:2512.10040): reference choice as a K-armed Bernoulli bandit.
+    Beta(a_k, b_k) is the posterior on "a step against reference k helps". Per step: k, alpha = choose(); DPO against
+    k alone (mrpo_loss, alpha = e_k, clip=False); update(k, reward), reward 1 if held-out accuracy on a random
+    validation subset rose (strictly). state_dict() (weights_only-safe) resumes the choices within a torch version.
 
     .. math::
         \theta_k \sim \mathrm{Beta}(a_k, b_k), \quad k^* = \arg\max_k \theta_k, \quad \alpha = e_{k^*};
         \qquad a_{k^*} \mathrel{+}= r, \quad b_{k^*} \mathrel{+}= 1 - r
-
-    Reference k's Beta(a_k, b_k) posterior on "a step against k helps" starts at the prior (a0, b0), default
-    Beta(5, 5). Each step: k, alpha = choose() (alpha = e_{k*}, (K,)); train single-reference DPO against k* (dpo_loss
-    on row k*, which is mrpo_loss with alpha = e_{k*} and clip=False); then update(k, reward), reward 1 if held-out
-    preference accuracy on a random validation subset rose (strictly) after the step, else 0. Sampling uses only this
-    object's torch.Generator (the global CPU RNG is left as it was), and state_dict() (counts and generator state,
-    which torch.save(..., weights_only=True) accepts) resumes the exact choices within one torch version.
     """
 
     def __init__(self, K, prior=(5.0, 5.0), seed=0):
@@ -528,8 +480,8 @@ class ThompsonSamplingWeights:
         self.generator = torch.Generator().manual_seed(seed)
 
     def sample(self):
-        """theta_k ~ Beta(a_k, b_k), (K,) float64: a seed from this object's generator drives the global one inside
-        fork_rng, which restores the global CPU RNG afterwards (CUDA RNGs are not touched)."""
+        """theta_k ~ Beta(a_k, b_k), (K,) float64, from this object's generator only (fork_rng restores the global
+        CPU RNG that dropout and shuffling use; CUDA RNGs are not touched)."""
         seed = int(torch.randint(0, 2**62, (), generator=self.generator))
         with torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(seed)
@@ -546,10 +498,7 @@ class ThompsonSamplingWeights:
         if not 0 <= int(k) < self.K or reward not in (True, False):
             raise ValueError(f"update(k, reward) needs 0 <= k < K={self.K} and a bool (or 0/1) reward, "
                              f"got k={k!r}, reward={reward!r}")
-        if reward:
-            self.a[int(k)] += 1.0
-        else:
-            self.b[int(k)] += 1.0
+        (self.a if reward else self.b)[int(k)] += 1.0
 
     def posterior_mean(self):
         """E[theta_k] = a_k / (a_k + b_k), (K,) float64: each reference's estimated chance of helping a step."""
@@ -570,14 +519,11 @@ class ThompsonSamplingWeights:
 
 # ----------------------------------------------------------------------------------------------------------------
 # Sets of scored responses: MPO (Gupta et al., "Multi-Preference Optimization: Generalizing DPO via Set-Level
-# Contrasts", https://arxiv.org/abs/2412.04628v4) against one reference, and against K references the MRPO way
-#
-# A prompt has n >= 2 responses y_i scored r_i (higher is better); those above the set's mean r_bar form Y+, the
-# rest Y-. B sets padded to N slots: mask (B, N) bool marks the real responses; policy_logps, scores, rewards (B, N);
-# ref_logps (B, N) for one reference, (K, B, N) for K; alpha (K, B), one per set; losses, has_preference (B,).
-# Masked slots may hold anything, nan and inf included: they reach no loss, reward or gradient (all exactly 0
-# there). A set whose real scores all tie has no preference: loss 0, gradient 0, has_preference False. A set with
-# fewer than 2 real responses: ValueError. set_pairs turns sets into the (y_w, y_l) pairs of the pair losses.
+# Contrasts", https://arxiv.org/abs/2412.04628v4), against one reference or K. A prompt has n >= 2 responses y_i
+# scored r_i (higher is better); those above the mean r_bar form Y+, the rest Y-. B sets padded to N slots: mask
+# (B, N) bool marks the real responses; policy_logps, scores, rewards (B, N); ref_logps (B, N), or (K, B, N) for K;
+# alpha (K, B); losses, has_preference (B,). Masked slots may hold nan or inf: they reach no loss, reward or gradient.
+# A set whose real scores all tie has no preference: loss 0, gradient 0. Fewer than 2 real responses: ValueError.
 
 
 def _set_scores(scores, mask):
@@ -611,19 +557,15 @@ def _set_partition(scores, mask, weighting, gamma):
 
 def mpo_loss(policy_logps, ref_logps, scores, mask, beta, weighting="none", gamma=1.0):
     r"""MPO: a set-level Bradley-Terry loss, Y+ against all n responses of the prompt, against one reference.
+    weighting: "none" (w_i = 1, MPO), "deviation" (e^{gamma |r_i - r_bar|}, W-MPO as the ICLR 2026 reviews describe
+    it, openreview.net/forum?id=iXo8oV3Pz0) or "signed" (e^{gamma (r_i - r_bar)}, as SWEPO, v1, and REFA,
+    arXiv:2412.16378v4 Eq. 5, write it); gamma is the paper's alpha. n = 2: "none" and "deviation" give DPO (Eq. 5),
+    "signed" -log sigma(s_w - s_l + gamma (r_w - r_l)). Returns (losses, rewards s_i detached, has_preference).
 
     .. math::
         \mathcal{L}_{MPO} = -\log\frac{\sum_{i \in Y^+} w_i\, e^{s_i}}{\sum_{i=1}^{n} w_i\, e^{s_i}},
         \qquad s_i = \beta\log\frac{\pi_\theta(y_i|x)}{\pi_{ref}(y_i|x)},
         \qquad Y^+ = \{i : r_i > \bar r\}, \quad \bar r = \tfrac1n \sum_{i=1}^{n} r_i
-
-    weighting: "none" (w_i = 1, MPO), "deviation" (w_i = e^{gamma |r_i - r_bar|}, W-MPO) or "signed"
-    (w_i = e^{gamma (r_i - r_bar)}); gamma is the paper's alpha. The two agree on Y+; on Y- "deviation" up-weights the
-    worst responses, "signed" down-weights them (SWEPO, v1 of arXiv:2412.04628, and REFA, arXiv:2412.16378v4 Eq. 5,
-    write the signed form; the reviews of MPO's ICLR 2026 version, openreview.net/forum?id=iXo8oV3Pz0, the absolute).
-    n = 2: "none" and "deviation" give DPO, Eq. 5; "signed" gives -log sigma(s_w - s_l + gamma (r_w - r_l)).
-    Returns (losses (B,), rewards s_i (B, N) detached, has_preference (B,)). Policy equal to reference, "none":
-    loss = log(n / |Y+|) (ln 2 for a pair).
     """
     if policy_logps.shape != mask.shape or ref_logps.shape != mask.shape:
         raise ValueError(f"policy_logps and ref_logps must be (B, N) like mask {tuple(mask.shape)}; got "
@@ -637,14 +579,12 @@ def mpo_loss(policy_logps, ref_logps, scores, mask, beta, weighting="none", gamm
 
 def set_adaptive_eps(ref_logps, mask, eps_max):
     r"""Eq. 9 over a set: each response's share of the reference log-prob mass of ALL the prompt's real responses.
+    The paper sums over "all possible outputs": y_w and y_l for a pair, n responses for a set, whose eps then sum to
+    eps_max. ref_logps: (K, B, N) RAW. Returns eps (B, N), 0 in masked slots; all-zero mass: eps_max / n each.
 
     .. math::
         \epsilon(y_i|x) = \epsilon_{max}\,\frac{\big|\sum_k \log\pi_{ref}^k(y_i|x)\big|}
                                               {\sum_{j=1}^{n} \big|\sum_k \log\pi_{ref}^k(y_j|x)\big|}
-
-    The paper's denominator sums over "all possible outputs": y_w and y_l for a pair, the n responses for a set, so a
-    set's eps sum to eps_max (mean eps_max / n; a fixed eps decouples them) and n = 2 gives Eq. 9 as the pair loss
-    has it. ref_logps: (K, B, N) RAW. Returns eps (B, N), 0 in masked slots; all-zero mass: eps_max / n each.
     """
     mass = torch.where(mask, ref_logps.sum(0).abs(), 0.0)  # |sum_k log pi_k(y_i|x)|, (B, N)
     total = mass.sum(1, keepdim=True)  # over the real responses of the set, (B, 1)
@@ -654,22 +594,17 @@ def set_adaptive_eps(ref_logps, mask, eps_max):
 
 def mrpo_set_loss(policy_logps, ref_logps, scores, mask, beta, alpha="arwc", eps_max=0.1, eps=None, clip=True,
                   weighting="none", gamma=1.0):
-    r"""MPO against the virtual reference (Prop. 1) of K CTRO-clipped references (Eq. 8, 9), weighted by ARWC (Eq. 10).
+    r"""mpo_loss against the virtual reference (Prop. 1) of K CTRO-clipped references (Eq. 8, 9) weighted by ARWC
+    (Eq. 10): Eq. 7 with MPO's loss, each choice the pair version's at n = 2. Each response has its own virtual
+    reference and CTRO region (eps from set_adaptive_eps), a set one alpha; m_k is reference k's margin on the
+    contrast trained, Y+ against Y-, |mean| so that an inconsistent ordering earns no confidence. Options as
+    mrpo_loss's; eps may be (B, N). ref_logps: (K, B, N). Returns mpo_loss's triple; K = 1 or eps = 0: mpo_loss.
 
     .. math::
         \log\tilde\pi_{ref}(y_i|x) = -\operatorname{logsumexp}_k\big(\log\alpha_k - \log\hat\pi_{ref}^k(y_i|x)\big),
         \qquad \alpha_k = \frac{|m_k|}{\sum_j |m_j|}, \quad
         m_k = \frac{1}{|Y^+|}\sum_{i \in Y^+}\log\pi_{ref}^k(y_i|x)
             - \frac{1}{|Y^-|}\sum_{i \in Y^-}\log\pi_{ref}^k(y_i|x)
-
-    then mpo_loss against log pi_tilde (Eq. 7 with MPO's loss for DPO's). Each choice equals the pair version at
-    n = 2: each response has its own virtual reference and CTRO region (Eq. 8), eps from set_adaptive_eps; a set's
-    responses share one alpha (K,), as mrpo_loss's y_w and y_l do. ARWC's m_k is reference k's margin on the contrast
-    the loss trains, Y+ against Y- (the mean over all (Y+, Y-) pairs; against all n, as the denominator has it, every
-    m_k scales by |Y-| / n: the same alpha); |mean|, not mean |.|, so a reference that orders the set inconsistently
-    earns no confidence; all m_k = 0: uniform. Eq. 9 and 10 read RAW log-probs. alpha, eps_max, clip as in mrpo_loss;
-    eps: float, (B,) per set or (B, N) per response. K = 1 or eps = 0 gives mpo_loss against reference 1.
-    ref_logps: (K, B, N), finite in real slots. Returns mpo_loss's triple, rewards against the virtual reference.
     """
     if ref_logps.dim() != 3 or ref_logps.shape[1:] != mask.shape:
         raise ValueError(f"ref_logps must be (K, B, N) with (B, N) = mask's {tuple(mask.shape)}; got "
@@ -683,8 +618,7 @@ def mrpo_set_loss(policy_logps, ref_logps, scores, mask, beta, alpha="arwc", eps
     mean_rejected = (ref_logps * rejected).sum(2) / rejected.sum(1).clamp(min=1)
     alpha = resolve_alpha(alpha, mean_chosen, mean_rejected)  # Eq. 10 on the set means, (K, B)
     if clip:
-        if eps is None:
-            eps = set_adaptive_eps(ref_logps, mask, eps_max)  # Eq. 9, (B, N)
+        eps = set_adaptive_eps(ref_logps, mask, eps_max) if eps is None else eps  # Eq. 9, (B, N)
         eps = torch.as_tensor(eps, dtype=ref_logps.dtype, device=ref_logps.device)
         ref_logps = ctro_clip(ref_logps, eps[:, None] if eps.dim() == 1 else eps)  # Eq. 8, (K, B, N)
     alpha = alpha[:, :, None].expand(K, B, N).reshape(K, B * N)  # each response gets its set's alpha
@@ -693,13 +627,10 @@ def mrpo_set_loss(policy_logps, ref_logps, scores, mask, beta, alpha="arwc", eps
 
 
 def set_pairs(scores, mask, mode="all"):
-    """The pairs of each set for the pair losses: (set_idx, better_idx, worse_idx), LongTensors (P,).
-
-    mode "all": every ordered pair of real responses with r_i > r_j (ties give none), ordered by set, then i, then j.
-    mode "best_worst": one pair per set, its best against its worst response (the lowest index among ties). Sets
-    without preference give no pair. Use: pc, pr = policy_logps[s, w], policy_logps[s, l] and
-    rc, rr = ref_logps[:, s, w], ref_logps[:, s, l] for mrpo_loss.
-    """
+    """The pairs of each set for the pair losses: (set_idx, better_idx, worse_idx), LongTensors (P,). mode "all":
+    every ordered pair of real responses with r_i > r_j, by set, then i, then j; "best_worst": a set's best against
+    its worst (the lowest index among ties). Sets without preference give none. For mrpo_loss:
+    pc, pr = policy_logps[s, w], policy_logps[s, l] and rc, rr = ref_logps[:, s, w], ref_logps[:, s, l]."""
     scores, best, worst = _set_scores(scores, mask)
     if mode == "all":
         better = mask[:, :, None] & mask[:, None, :] & (scores[:, :, None] > scores[:, None, :])  # (B, N, N): i > j
@@ -714,18 +645,14 @@ def set_pairs(scores, mask, mode="all"):
 
 @torch.no_grad()
 def set_ranking_metrics(values, scores, mask, beta=1.0, tol=TIE_NATS):
-    r"""How well values (B, N) rank each set's responses by score: implicit rewards with their beta, or log-probs.
-
-    Per set, (B,) each, a tie in values being a difference under tol nats (after dividing by beta), as in
-    reward_accuracy: pairwise_accuracy, reward_accuracy over the ordered pairs with r_i > r_j; top1_accuracy, the
-    share of the top-valued responses (none beaten by tol or more) that have the set's best score (chance when all
-    values tie); kendall_tau_b, corrected for ties in both scores and values (0 when all values tie):
+    r"""How well values (B, N) rank each set by score: implicit rewards with their beta, or log-probs. Per set (B,),
+    with ties in values as in reward_accuracy: pairwise_accuracy, reward_accuracy over the pairs with r_i > r_j;
+    top1_accuracy, the share of top-valued responses (none beaten by tol) with the best score (chance if all tie);
+    kendall_tau_b (0 if all values tie), with n_c, n_d concordant and discordant pairs, n_1, n_2 tied in scores, in
+    values; and has_preference, the sets to average over: m["kendall_tau_b"][m["has_preference"]].mean().
 
     .. math::
         \tau_b = \frac{n_c - n_d}{\sqrt{(n_0 - n_1)(n_0 - n_2)}}, \qquad n_0 = \tbinom{n}{2}
-
-    n_c, n_d: concordant and discordant pairs; n_1, n_2: pairs tied in scores, in values. Also has_preference (B,):
-    average each metric over the sets that have one, e.g. m["kendall_tau_b"][m["has_preference"]].mean().
     """
     scores, best, worst = _set_scores(scores, mask)
     values = torch.where(mask, values, 0.0)
