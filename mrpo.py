@@ -41,7 +41,6 @@ import torch.nn.functional as F
 # ----------------------------------------------------------------------------------------------------------------
 # Building blocks: the virtual reference (Prop. 1), CTRO (Eq. 8, 9) and ARWC (Eq. 10)
 
-
 def virtual_reference_logps(ref_logps, alpha):
     r"""Log-prob of the virtual reference, Prop. 1: a weighted harmonic mean of the references' probabilities.
     ref_logps: (K, B). alpha: (K, B) or (K,), summing to 1 over k; alpha_k = 0 drops reference k (log 0 = -inf in
@@ -254,8 +253,7 @@ def multi_dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
     """
     policy_chosen_logps, policy_rejected_logps = _up(policy_chosen_logps), _up(policy_rejected_logps)
     alpha, ref_w, ref_l = _references(ref_chosen_logps, ref_rejected_logps, alpha, eps_max, eps, clip)  # (K, B)
-    K = ref_w.shape[0]
-    losses_k, _, _ = dpo_loss(policy_chosen_logps.expand(K, -1), policy_rejected_logps.expand(K, -1),
+    losses_k, _, _ = dpo_loss(policy_chosen_logps.expand_as(ref_w), policy_rejected_logps.expand_as(ref_l),
                               ref_w, ref_l, beta, loss_type, label_smoothing)  # (K, B): one DPO loss per reference
     losses = (alpha * losses_k).sum(0)  # Eq. 11
     geo_w, geo_l = (alpha * ref_w).sum(0), (alpha * ref_l).sum(0)  # sum_k alpha_k log pi_k, (B,)
@@ -272,8 +270,7 @@ def mean_ref_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, 
                                = \operatorname{logsumexp}_k\big(\log\alpha_k + \log\hat\pi_{ref}^k(y|x)\big)
     """
     alpha, ref_w, ref_l = _references(ref_chosen_logps, ref_rejected_logps, alpha, eps_max, eps, clip)  # (K, B)
-    mean_w = torch.logsumexp(torch.log(alpha) + ref_w, dim=0)  # (B,)
-    mean_l = torch.logsumexp(torch.log(alpha) + ref_l, dim=0)
+    mean_w, mean_l = (torch.logsumexp(torch.log(alpha) + ref, dim=0) for ref in (ref_w, ref_l))  # (B,) each
     return dpo_loss(policy_chosen_logps, policy_rejected_logps, mean_w, mean_l, beta, loss_type, label_smoothing)
 
 
@@ -333,7 +330,6 @@ def parse_alpha(text, K):
 # ----------------------------------------------------------------------------------------------------------------
 # Proposition 2: when is the MRPO gradient larger (or smaller) than Multi-DPO's?
 
-
 def jensen_gap(neg_logps, alpha):
     r"""J_alpha(a) = logsumexp_k(log alpha_k + a_k) - sum_k alpha_k a_k >= 0, for a_k = -log pi_k(y|x) (nats): zero
     iff all a_k with alpha_k > 0 are equal, at most max_k a_k - min_k a_k. neg_logps, alpha: (K, B) -> (B,)."""
@@ -342,10 +338,9 @@ def jensen_gap(neg_logps, alpha):
 
 def prop2_bound(ref_chosen_logps, ref_rejected_logps, alpha):
     r"""Prop. 2 as it holds: is MRPO's gradient larger (or smaller) than Multi-DPO's? Inputs (K, B), clipped if CTRO
-    is on. With the policy margin h, reference k's margin m_k and d_k = beta (m_k - h), the DPO loss against
-    reference k has dL_k/dh = -beta sigmoid(d_k), so |grad| is beta sum_k alpha_k sigmoid(d_k) |grad h| for Multi-DPO
-    (Eq. 11) and beta sigmoid(d_tilde) |grad h| for MRPO, d_tilde = beta (m_tilde - h). Prop. 2 (as printed) compares
-    the two when all d_k share a sign. What is true:
+    is on. With the policy margin h, reference k's margin m_k and d_k = beta (m_k - h), dL_k/dh = -beta sigmoid(d_k):
+    |grad| is beta sum_k alpha_k sigmoid(d_k) |grad h| for Multi-DPO (Eq. 11), beta sigmoid(d_tilde) |grad h| for
+    MRPO, d_tilde = beta (m_tilde - h). Prop. 2 as printed compares them when all d_k share a sign. What is true:
     (a) Geometric mean, m_geo = sum_k alpha_k m_k: d_geo = sum_k alpha_k d_k, and sigmoid is concave on [0, inf),
         convex on (-inf, 0], so by Jensen all d_k >= 0 => sigmoid(d_geo) >= sum_k alpha_k sigmoid(d_k) (<= if <= 0).
     (b) Harmonic (Prop. 1): with a_k = -log pi_k(y_w), b_k = -log pi_k(y_l), log pi_tilde(y_w) =
@@ -353,9 +348,8 @@ def prop2_bound(ref_chosen_logps, ref_rejected_logps, alpha):
         beta (J(b) - J(a)): (a) carries over exactly when all d_k >= 0 and J(b) >= J(a) (all <= 0 and J(b) <= J(a)),
         and can fail otherwise: references that disagree more on y_w than on y_l pull m_tilde below m_geo.
     (c) With CTRO every a_k lies in [(1-eps_w) a_1, (1+eps_w) a_1] (likewise b) and J(x) <= max x - min x, so
-        |J(b) - J(a)| <= 2 max(eps_w a_1, eps_l b_1) =: delta, and sigmoid being 1/4-Lipschitz the printed
-        inequalities hold up to beta delta / 4, exactly at eps = 0.
-    Returns J(b) - J(a), (B,): d_tilde's exact shift from sum_k alpha_k d_k, divided by beta.
+        |J(b) - J(a)| <= 2 max(eps_w a_1, eps_l b_1) =: delta; sigmoid being 1/4-Lipschitz, the printed inequalities
+        hold up to beta delta / 4, exactly at eps = 0. Returns J(b) - J(a), (B,): d_tilde's shift, divided by beta.
     """
     return jensen_gap(-ref_rejected_logps, alpha) - jensen_gap(-ref_chosen_logps, alpha)
 
@@ -365,7 +359,6 @@ def prop2_bound(ref_chosen_logps, ref_rejected_logps, alpha):
 # k's margin: VDW and VAW fix alpha (K,) from M held-out pairs, SWCW sets it each step from the batches trained on,
 # TSW picks one reference per step (a bandit). alpha_k = 0 drops reference k from Prop. 1 exactly, but k > 1 still
 # counts in Eq. 9's adaptive eps: pass a fixed eps, or leave its row out.
-
 
 def _margins(ref_chosen_logps, ref_rejected_logps, validation=False):
     """m_k: (K, N) -> (K, N), float64 on the CPU (sums over many pairs); validation: M >= 1 finite pairs."""
@@ -480,8 +473,7 @@ class ThompsonSamplingWeights:
         self.generator = torch.Generator().manual_seed(seed)
 
     def sample(self):
-        """theta_k ~ Beta(a_k, b_k), (K,) float64, from this object's generator only (fork_rng restores the global
-        CPU RNG that dropout and shuffling use; CUDA RNGs are not touched)."""
+        """theta_k ~ Beta(a_k, b_k), (K,) float64, from this object's generator alone: the global RNG is restored."""
         seed = int(torch.randint(0, 2**62, (), generator=self.generator))
         with torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(seed)
@@ -524,7 +516,6 @@ class ThompsonSamplingWeights:
 # (B, N) bool marks the real responses; policy_logps, scores, rewards (B, N); ref_logps (B, N), or (K, B, N) for K;
 # alpha (K, B); losses, has_preference (B,). Masked slots may hold nan or inf: they reach no loss, reward or gradient.
 # A set whose real scores all tie has no preference: loss 0, gradient 0. Fewer than 2 real responses: ValueError.
-
 
 def _set_scores(scores, mask):
     """Checks a padded batch of sets; returns the scores (float32 at least, 0 in masked slots) and each set's best
