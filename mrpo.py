@@ -6,15 +6,16 @@ trainer. DPO (Eq. 5) keeps a policy close to one reference model; MRPO keeps it 
 alpha_k, through a virtual reference, the weighted harmonic mean of their probabilities (Prop. 1), inside the DPO
 loss (Eq. 7). CTRO (Eq. 8) clips references k > 1 into a trust region around reference 1 whose size eps is set per
 response (Eq. 9); ARWC (Eq. 10) sets alpha per pair from each reference's confidence. Baselines: Multi-DPO
-(Eq. 11) and Mean-Ref (the arithmetic mixture). Every loss returns per-example losses and detached rewards; the
-caller reduces. After the core: Proposition 2 as it holds, the weightings of arXiv:2512.10040 (VDW, VAW, SWCW,
-TSW), which never look at the pair being trained on, and losses over sets of N scored responses (MPO,
-arXiv:2412.04628) against one reference or against the virtual reference of K (mpo_loss, mrpo_set_loss).
+(Eq. 11) and Mean-Ref (the arithmetic mixture). After the core: Proposition 2 as it holds, the weightings of
+arXiv:2512.10040 (VDW, VAW, SWCW, TSW), and losses over sets of N scored responses (MPO, arXiv:2412.04628).
 
 Shapes: B pairs, K references (row 0 is reference 1, the model the policy starts from). Every log-prob is a summed
 sequence log-prob log pi(y|x) <= 0, computed in float32 at least (bf16/fp16 inputs are upcast, float64 stays).
-policy_chosen_logps, policy_rejected_logps (B,); ref_chosen_logps, ref_rejected_logps (K, B) (dpo_loss: (B,));
-alpha (K, B) after resolve_alpha; eps (B,) or a float. Reference log-probs are constants: the losses detach them.
+The pair losses take policy_chosen_logps, policy_rejected_logps (B,), ref_chosen_logps, ref_rejected_logps (K, B)
+(dpo_loss: (B,)) and beta; the multi-reference ones also alpha ("arwc" | "uniform" | weights: resolve_alpha), eps_max
+(Eq. 9's bound, for the adaptive eps), eps (a fixed eps instead, float or (B,)) and clip (False: no CTRO); all take
+loss_type and label_smoothing (margin_loss). Each returns (losses, chosen_rewards, rejected_rewards), (B,) each, the
+implicit rewards beta (log pi_theta - log pi_ref) detached; the caller reduces. The losses detach the references.
 
 Where this code and its scripts depart from the paper, the authors' code (github.com/thaihungle/MRPO) or their
 setup, and why (this is the one list; the README links here):
@@ -40,20 +41,16 @@ import torch.nn.functional as F
 # ----------------------------------------------------------------------------------------------------------------
 # Building blocks: the virtual reference (Prop. 1), CTRO (Eq. 8, 9) and ARWC (Eq. 10)
 
-
 def virtual_reference_logps(ref_logps, alpha):
     r"""Log-prob of the virtual reference, Prop. 1: a weighted harmonic mean of the references' probabilities.
+    ref_logps: (K, B). alpha: (K, B) or (K,), summing to 1 over k; alpha_k = 0 drops reference k (log 0 = -inf in
+    the logsumexp). Returns (B,). Stable for any log-probs (e^-5000 is never formed outside log space). Bounds:
+    min_k log pi_k <= log pi_tilde <= min_k (log pi_k - log alpha_k): the reference that finds y least likely rules.
 
     .. math::
         \tilde\pi_{ref}(y|x) = \Big(\sum_{k=1}^{K} \frac{\alpha_k}{\pi_{ref}^k(y|x)}\Big)^{-1},
         \qquad
         \log\tilde\pi_{ref}(y|x) = -\operatorname{logsumexp}_k\big(\log\alpha_k - \log\pi_{ref}^k(y|x)\big)
-
-    ref_logps: (K, B) log pi_k(y|x). alpha: (K, B) or (K,), non-negative, summing to 1 over k; alpha_k = 0 drops
-    reference k (log 0 = -inf inside the logsumexp). Returns (B,). Stable for log-probs down to -1e4 and below:
-    the harmonic mean of probabilities like e^-5000 is never formed outside log space.
-    Bounds: min_k log pi_k <= log pi_tilde <= min_k (log pi_k - log alpha_k), so the reference that finds y least
-    likely dominates.
     """
     alpha = alpha if alpha.dim() == 2 else alpha[:, None].expand_as(ref_logps)  # (K,) -> (K, B)
     return -torch.logsumexp(torch.log(alpha) - ref_logps, dim=0)  # Prop. 1
@@ -61,18 +58,15 @@ def virtual_reference_logps(ref_logps, alpha):
 
 def adaptive_eps(ref_chosen_logps, ref_rejected_logps, eps_max):
     r"""Per-response trust-region size, Eq. 9, from the RAW (unclipped) reference log-probs.
+    Returns (eps_chosen (B,), eps_rejected (B,)), which sum to eps_max: the response with more log-prob mass
+    (usually the longer one) gets the wider region. A pair whose reference log-probs are all 0 gets eps_max / 2 each.
 
     .. math::
         \epsilon(y|x) = \epsilon_{max}\,
             \frac{\big|\sum_k \log\pi_{ref}^k(y|x)\big|}
                  {\sum_{y' \in \{y_w, y_l\}} \big|\sum_k \log\pi_{ref}^k(y'|x)\big|}
-
-    ref_chosen_logps, ref_rejected_logps: (K, B). Returns (eps_chosen (B,), eps_rejected (B,)), which sum to eps_max.
-    The response with more total log-prob mass (usually the longer one) gets the wider region. A pair whose
-    reference log-probs are all 0 (0/0) gets eps_max / 2 for each response.
     """
-    mass_w = ref_chosen_logps.sum(0).abs()  # |sum_k log pi_k(y_w|x)|, (B,)
-    mass_l = ref_rejected_logps.sum(0).abs()
+    mass_w, mass_l = ref_chosen_logps.sum(0).abs(), ref_rejected_logps.sum(0).abs()  # |sum_k log pi_k(y|x)|, (B,)
     total = mass_w + mass_l
     share_w = torch.where(total > 0, mass_w / torch.where(total > 0, total, 1.0), 0.5)  # Eq. 9; 0/0 -> 1/2
     return eps_max * share_w, eps_max * (1 - share_w)
@@ -80,17 +74,14 @@ def adaptive_eps(ref_chosen_logps, ref_rejected_logps, eps_max):
 
 def ctro_clip(ref_logps, eps):
     r"""Clipped Trust-Region Optimisation, Eq. 8: clip references k > 1 into a region around reference 1.
+    Log-probs are <= 0, so (1+eps) log pi_1 is the LOWER end. ref_logps: (K, B); eps >= 0. Returns (K, B), row 0
+    unchanged; eps = 0 collapses every reference onto reference 1.
 
     .. math::
         \log\hat\pi_{ref}^k(y|x) = \operatorname{clip}\big(\log\pi_{ref}^k(y|x),\;
             (1+\epsilon)\log\pi_{ref}^1(y|x),\; (1-\epsilon)\log\pi_{ref}^1(y|x)\big), \quad k > 1
-
-    Log-probs are <= 0, so (1+eps) log pi_1 is the LOWER end and (1-eps) log pi_1 the upper end.
-    ref_logps: (K, B). eps: float or (B,), eps >= 0. Returns (K, B); row 0 (reference 1) is returned unchanged.
-    eps = 0 collapses every reference onto reference 1.
     """
-    ref1 = ref_logps[0]  # (B,)
-    eps = torch.as_tensor(eps, dtype=ref_logps.dtype, device=ref_logps.device)
+    ref1, eps = ref_logps[0], torch.as_tensor(eps, dtype=ref_logps.dtype, device=ref_logps.device)  # (B,), eps
     lower, upper = (1 + eps) * ref1, (1 - eps) * ref1  # Eq. 8, (B,) each
     others = torch.clamp(ref_logps[1:], min=lower, max=upper)  # (K-1, B), broadcast over k
     return torch.cat([ref_logps[:1], others], dim=0)
@@ -99,14 +90,12 @@ def ctro_clip(ref_logps, eps):
 @torch.no_grad()
 def arwc_weights(ref_chosen_logps, ref_rejected_logps):
     r"""Adaptive Reference Weighting Coefficients, Eq. 10: each reference's confidence on this pair, normalised.
+    From the RAW log-probs. Returns alpha (K, B), without gradient; every margin 0 gives uniform weights 1/K.
+    alpha_k weights reference k's OWN term in Prop. 1 (the module docstring gives the authors' K=2 variant).
 
     .. math::
         \alpha_k = \frac{\big|\log\pi_{ref}^k(y_w|x) - \log\pi_{ref}^k(y_l|x)\big|}
                         {\sum_{j=1}^{K} \big|\log\pi_{ref}^j(y_w|x) - \log\pi_{ref}^j(y_l|x)\big|}
-
-    ref_chosen_logps, ref_rejected_logps: (K, B) RAW log-probs. Returns alpha (K, B): non-negative, sums to 1 over
-    k, carries no gradient. A pair on which every reference has margin 0 gets uniform weights 1/K.
-    alpha_k weights reference k's OWN term in Prop. 1 (see the module docstring for the authors' K=2 variant).
     """
     confidence = (ref_chosen_logps - ref_rejected_logps).abs()  # (K, B), Eq. 10 numerator
     total = confidence.sum(0, keepdim=True)  # (1, B)
@@ -115,14 +104,10 @@ def arwc_weights(ref_chosen_logps, ref_rejected_logps):
 
 
 def resolve_alpha(alpha, ref_chosen_logps, ref_rejected_logps):
-    r"""Turn the alpha option into weights (K, B) that sum to 1 over k.
-
-    alpha: "arwc" (Eq. 10, per example), "uniform" (1/K), or weights (K,) or (K, B) as a tensor or a sequence of
-    numbers; given weights must be non-negative and are normalised over k (Prop. 1 assumes they sum to 1).
-    A single number (the paper's fixed-alpha runs) is defined for K = 2 only: it is the weight of reference 1,
-    alpha in [0, 1], and reference 2 gets 1 - alpha, i.e.
-    :math:`\tilde\pi_{ref} = (\alpha / \pi_{ref}^1 + (1-\alpha) / \pi_{ref}^2)^{-1}`. (The authors' code multiplies
-    the term of the initial model, our reference 1, by its fixed alpha.) Any other K raises ValueError.
+    r"""Turn the alpha option into weights (K, B) that sum to 1 over k: "arwc" (Eq. 10, per pair), "uniform" (1/K),
+    or non-negative weights (K,) or (K, B), normalised over k. A single number (the paper's fixed-alpha runs), for
+    K = 2 only, is the weight of reference 1 in [0, 1], as in the authors' code (reference 1 is their initial model):
+    :math:`\tilde\pi_{ref} = (\alpha / \pi_{ref}^1 + (1-\alpha) / \pi_{ref}^2)^{-1}`.
     """
     K, B = ref_chosen_logps.shape
     if isinstance(alpha, str):
@@ -150,6 +135,10 @@ def resolve_alpha(alpha, ref_chosen_logps, ref_rejected_logps):
     return alpha / alpha.sum(0, keepdim=True)
 
 
+def _up(x):
+    return x.to(torch.promote_types(x.dtype, torch.float32))  # float32 at least: bf16/fp16 upcast, float64 kept
+
+
 def _check_refs(ref_chosen_logps, ref_rejected_logps):
     """(K, B) reference log-probs, finite; returns K."""
     if ref_chosen_logps.dim() != 2 or ref_chosen_logps.shape != ref_rejected_logps.shape:
@@ -161,67 +150,49 @@ def _check_refs(ref_chosen_logps, ref_rejected_logps):
     return ref_chosen_logps.shape[0]
 
 
-def _up(x):
-    return x.to(torch.promote_types(x.dtype, torch.float32))  # float32 at least: bf16/fp16 upcast, float64 kept
-
-
-def _loss_inputs(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps):
-    """The four log-prob tensors in float32 at least (bf16/fp16 are upcast, float64 kept), references detached:
-    they are constants, so no gradient reaches them through the rewards, the CTRO bounds or eps."""
-    return (_up(policy_chosen_logps), _up(policy_rejected_logps), _up(ref_chosen_logps).detach(),
-            _up(ref_rejected_logps).detach())
-
-
-def _trust_region(ref_chosen_logps, ref_rejected_logps, eps_max, eps, clip):
-    """CTRO on both responses: adaptive eps from eps_max (Eq. 9), or a fixed eps; clip=False skips it."""
+def _references(ref_chosen_logps, ref_rejected_logps, alpha, eps_max, eps, clip):
+    """What the multi-reference losses share: the references checked, float32+ and detached, alpha (K, B) resolved
+    on their RAW log-probs, then CTRO on both responses. Returns (alpha, ref_w, ref_l), (K, B) each."""
+    ref_chosen_logps, ref_rejected_logps = _up(ref_chosen_logps).detach(), _up(ref_rejected_logps).detach()
+    _check_refs(ref_chosen_logps, ref_rejected_logps)
+    alpha = resolve_alpha(alpha, ref_chosen_logps, ref_rejected_logps)  # Eq. 10 on raw log-probs
     if not clip:
-        return ref_chosen_logps, ref_rejected_logps
-    if eps is None:
-        eps_w, eps_l = adaptive_eps(ref_chosen_logps, ref_rejected_logps, eps_max)  # Eq. 9, raw log-probs
-    else:
-        eps_w = eps_l = eps
-    return ctro_clip(ref_chosen_logps, eps_w), ctro_clip(ref_rejected_logps, eps_l)  # Eq. 8
+        return alpha, ref_chosen_logps, ref_rejected_logps
+    eps_w, eps_l = adaptive_eps(ref_chosen_logps, ref_rejected_logps, eps_max) if eps is None else (eps, eps)  # Eq. 9
+    return alpha, ctro_clip(ref_chosen_logps, eps_w), ctro_clip(ref_rejected_logps, eps_l)  # Eq. 8
 
 
 def virtual_reference_pair(ref_chosen_logps, ref_rejected_logps, alpha="arwc", eps_max=0.1, eps=None, clip=True):
-    r"""The virtual reference of a pair's two responses, as MRPO (Eq. 7) uses it: alpha resolved on the RAW
-    log-probs (ARWC, Eq. 10, by default), CTRO (Eq. 8, 9), then Prop. 1 on the clipped log-probs.
+    r"""The virtual reference of a pair's two responses as MRPO (Eq. 7) uses it: alpha on the RAW log-probs (ARWC,
+    Eq. 10, by default), CTRO (Eq. 8, 9), then Prop. 1 on the clipped log-probs.
+    Returns (virtual_chosen_logps, virtual_rejected_logps), (B,) each, detached. MRPO is DPO against it:
+    mrpo_loss(pc, pr, rc, rr, beta) = dpo_loss(pc, pr, *virtual_reference_pair(rc, rr), beta) (precompute.py's
+    --export-trl serves TRL so).
 
     .. math::
         \log\tilde\pi_{ref}(y|x) = -\operatorname{logsumexp}_k\big(\log\alpha_k - \log\hat\pi_{ref}^k(y|x)\big),
         \qquad y \in \{y_w, y_l\}
-
-    ref_chosen_logps, ref_rejected_logps: (K, B), row 0 = reference 1; alpha, eps_max, eps, clip as in mrpo_loss.
-    Returns (virtual_chosen_logps (B,), virtual_rejected_logps (B,)), float32 at least, detached. It depends on the
-    references alone, so MRPO is DPO against it: mrpo_loss(pc, pr, rc, rr, beta) equals
-    dpo_loss(pc, pr, *virtual_reference_pair(rc, rr), beta), which is how precompute.py --export-trl serves TRL.
     """
-    ref_chosen_logps, ref_rejected_logps = _up(ref_chosen_logps).detach(), _up(ref_rejected_logps).detach()
-    _check_refs(ref_chosen_logps, ref_rejected_logps)
-    alpha = resolve_alpha(alpha, ref_chosen_logps, ref_rejected_logps)  # Eq. 10 on raw log-probs, (K, B)
-    ref_w, ref_l = _trust_region(ref_chosen_logps, ref_rejected_logps, eps_max, eps, clip)  # Eq. 8, 9
+    alpha, ref_w, ref_l = _references(ref_chosen_logps, ref_rejected_logps, alpha, eps_max, eps, clip)
     return virtual_reference_logps(ref_w, alpha), virtual_reference_logps(ref_l, alpha)  # Prop. 1, (B,) each
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Losses: each returns (losses (B,), chosen_rewards (B,), rejected_rewards (B,)), rewards detached.
+# Losses: their arguments and what they return are in the module docstring
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
 
 
 def margin_loss(logits, beta, loss_type="sigmoid", label_smoothing=0.0):
     r"""A pair's loss as a function of h = log(pi_theta/pi_ref)(y_w) - log(pi_theta/pi_ref)(y_l): (B,) -> (B,).
+    sigmoid is DPO's Eq. 5 (arXiv:2305.18290), with label smoothing eps > 0 cDPO (each label flipped with probability
+    eps); ipo is IPO's Eq. 17 (arXiv:2310.12036v2); hinge is SLiC's and RSO's (arXiv:2305.10425, 2309.06657); robust
+    is rDPO's unbiased loss for labels flipped with probability eps < 1/2 (arXiv:2403.00409), as TRL's loss_types.
 
     .. math::
         \text{sigmoid: } -(1-\varepsilon)\log\sigma(\beta h) - \varepsilon\log\sigma(-\beta h) \qquad
         \text{ipo: } \big(h - \tfrac{1}{2\beta}\big)^2 \qquad \text{hinge: } \max(0,\ 1 - \beta h) \qquad
         \text{robust: } \frac{-(1-\varepsilon)\log\sigma(\beta h) + \varepsilon\log\sigma(-\beta h)}{1 - 2\varepsilon}
-
-    sigmoid is DPO's Eq. 5 (arXiv:2305.18290), with label smoothing eps > 0 conservative DPO (cDPO: each label
-    flipped with probability eps); ipo is IPO's Eq. 17 (arXiv:2310.12036v2); hinge is SLiC's and RSO's
-    (arXiv:2305.10425, 2309.06657); robust is rDPO's unbiased loss for labels flipped with probability eps < 1/2
-    (arXiv:2403.00409). TRL's loss_type of the same names computes the same. With MRPO pi_ref is the virtual
-    reference, with Multi-DPO each reference in its own term.
     """
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
@@ -241,18 +212,14 @@ def margin_loss(logits, beta, loss_type="sigmoid", label_smoothing=0.0):
 
 def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta,
              loss_type="sigmoid", label_smoothing=0.0):
-    r"""DPO, Eq. 5, against one reference.
+    r"""DPO, Eq. 5, against one reference: every log-prob (B,). Policy equal to reference: loss = ln 2, rewards 0.
 
     .. math::
         \mathcal{L}_{DPO} = -\log\sigma\Big(\beta\log\frac{\pi_\theta(y_w|x)}{\pi_{ref}(y_w|x)}
                                           - \beta\log\frac{\pi_\theta(y_l|x)}{\pi_{ref}(y_l|x)}\Big)
-
-    All log-probs (B,); loss_type and label_smoothing as in margin_loss (the default is Eq. 5). Returns (losses,
-    chosen_rewards, rejected_rewards), each (B,); the implicit rewards beta (log pi_theta - log pi_ref) are detached.
-    Policy equal to reference: loss = ln 2, rewards 0.
     """
-    policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps = _loss_inputs(
-        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    policy_chosen_logps, policy_rejected_logps = _up(policy_chosen_logps), _up(policy_rejected_logps)
+    ref_chosen_logps, ref_rejected_logps = _up(ref_chosen_logps).detach(), _up(ref_rejected_logps).detach()
     chosen_logratios = policy_chosen_logps - ref_chosen_logps  # log pi_theta(y_w)/pi_ref(y_w)
     rejected_logratios = policy_rejected_logps - ref_rejected_logps
     losses = margin_loss(chosen_logratios - rejected_logratios, beta, loss_type, label_smoothing)  # Eq. 5
@@ -261,44 +228,32 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
 
 def mrpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta,
               alpha="arwc", eps_max=0.1, eps=None, clip=True, loss_type="sigmoid", label_smoothing=0.0):
-    r"""MRPO, Eq. 7: DPO against the virtual reference of Prop. 1, with CTRO (Eq. 8, 9) and ARWC (Eq. 10).
+    r"""MRPO, Eq. 7: DPO against the virtual reference of Prop. 1, with CTRO (Eq. 8, 9; \hat\pi^k the clipped
+    references) and ARWC (Eq. 10). K = 1 or eps = 0 gives exactly DPO against reference 1. Rewards are against the
+    virtual reference.
 
     .. math::
         \mathcal{L}_{MRPO} = -\log\sigma\Big(\beta\log\frac{\pi_\theta(y_w|x)}{\tilde\pi_{ref}(y_w|x)}
                                            - \beta\log\frac{\pi_\theta(y_l|x)}{\tilde\pi_{ref}(y_l|x)}\Big),
         \quad \tilde\pi_{ref} = \Big(\sum_k \frac{\alpha_k}{\hat\pi_{ref}^k}\Big)^{-1}
-
-    where \hat\pi^k are the CTRO-clipped references. policy_*: (B,); ref_*: (K, B), row 0 = reference 1.
-    alpha: "arwc" | "uniform" | weights (K,) or (K, B) | for K = 2 one number, the weight of reference 1 (reference 2
-    gets 1 - alpha; see resolve_alpha). eps_max: Eq. 9's bound (adaptive eps); eps: a fixed eps
-    instead (float or (B,)); clip=False turns CTRO off. K = 1 or eps = 0 gives exactly DPO against reference 1.
-    Rewards are measured against the virtual reference.
     """
-    policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps = _loss_inputs(
-        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
-    virtual_w, virtual_l = virtual_reference_pair(ref_chosen_logps, ref_rejected_logps, alpha, eps_max, eps,
-                                                  clip)  # Eq. 10, 8, 9, Prop. 1: (B,) each
+    virtual_w, virtual_l = virtual_reference_pair(ref_chosen_logps, ref_rejected_logps, alpha, eps_max, eps, clip)
     return dpo_loss(policy_chosen_logps, policy_rejected_logps, virtual_w, virtual_l, beta, loss_type,
-                    label_smoothing)  # Eq. 7
+                    label_smoothing)  # Eq. 7 against Prop. 1's virtual reference (Eq. 8, 9, 10 inside)
 
 
 def multi_dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta,
                    alpha="arwc", eps_max=0.1, eps=None, clip=True, loss_type="sigmoid", label_smoothing=0.0):
     r"""Multi-DPO baseline, Eq. 11: the alpha-weighted sum of K DPO losses, one per (clipped) reference.
+    With CTRO and alpha as in mrpo_loss (the paper's baseline uses them too). Rewards are the alpha-weighted mean of
+    the per-reference rewards, i.e. against the geometric mixture sum_k alpha_k log pi_k.
 
     .. math::
         \mathcal{L}_{Multi\text{-}DPO} = \sum_{k=1}^{K} \alpha_k\, \mathcal{L}_{DPO}(\pi_\theta; \hat\pi_{ref}^k)
-
-    Same arguments and CTRO / alpha options as mrpo_loss (the paper's baseline uses them too). Rewards are the
-    alpha-weighted mean of the per-reference rewards, i.e. measured against the geometric mixture
-    sum_k alpha_k log pi_k.
     """
-    policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps = _loss_inputs(
-        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
-    K = _check_refs(ref_chosen_logps, ref_rejected_logps)
-    alpha = resolve_alpha(alpha, ref_chosen_logps, ref_rejected_logps)  # (K, B)
-    ref_w, ref_l = _trust_region(ref_chosen_logps, ref_rejected_logps, eps_max, eps, clip)
-    losses_k, _, _ = dpo_loss(policy_chosen_logps.expand(K, -1), policy_rejected_logps.expand(K, -1),
+    policy_chosen_logps, policy_rejected_logps = _up(policy_chosen_logps), _up(policy_rejected_logps)
+    alpha, ref_w, ref_l = _references(ref_chosen_logps, ref_rejected_logps, alpha, eps_max, eps, clip)  # (K, B)
+    losses_k, _, _ = dpo_loss(policy_chosen_logps.expand_as(ref_w), policy_rejected_logps.expand_as(ref_l),
                               ref_w, ref_l, beta, loss_type, label_smoothing)  # (K, B): one DPO loss per reference
     losses = (alpha * losses_k).sum(0)  # Eq. 11
     geo_w, geo_l = (alpha * ref_w).sum(0), (alpha * ref_l).sum(0)  # sum_k alpha_k log pi_k, (B,)
@@ -307,22 +262,15 @@ def multi_dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
 
 def mean_ref_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta,
                   alpha="arwc", eps_max=0.1, eps=None, clip=True, loss_type="sigmoid", label_smoothing=0.0):
-    r"""Mean-Ref baseline: DPO against the arithmetic mixture of the (clipped) references.
+    r"""Mean-Ref baseline: DPO against the arithmetic mixture of the (clipped) references, which the reference that
+    finds y MOST likely dominates (the opposite of the harmonic virtual reference).
 
     .. math::
         \log\bar\pi_{ref}(y|x) = \log\sum_k \alpha_k\,\hat\pi_{ref}^k(y|x)
                                = \operatorname{logsumexp}_k\big(\log\alpha_k + \log\hat\pi_{ref}^k(y|x)\big)
-
-    Same arguments as mrpo_loss. The arithmetic mean is dominated by the reference that finds y MOST likely,
-    the opposite of the harmonic virtual reference.
     """
-    policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps = _loss_inputs(
-        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
-    _check_refs(ref_chosen_logps, ref_rejected_logps)
-    alpha = resolve_alpha(alpha, ref_chosen_logps, ref_rejected_logps)
-    ref_w, ref_l = _trust_region(ref_chosen_logps, ref_rejected_logps, eps_max, eps, clip)
-    mean_w = torch.logsumexp(torch.log(alpha) + ref_w, dim=0)  # (B,)
-    mean_l = torch.logsumexp(torch.log(alpha) + ref_l, dim=0)
+    alpha, ref_w, ref_l = _references(ref_chosen_logps, ref_rejected_logps, alpha, eps_max, eps, clip)  # (K, B)
+    mean_w, mean_l = (torch.logsumexp(torch.log(alpha) + ref, dim=0) for ref in (ref_w, ref_l))  # (B,) each
     return dpo_loss(policy_chosen_logps, policy_rejected_logps, mean_w, mean_l, beta, loss_type, label_smoothing)
 
 
@@ -338,37 +286,31 @@ def compute_loss(name, policy_chosen_logps, policy_rejected_logps, ref_chosen_lo
         return dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps[0], ref_rejected_logps[0], beta,
                         loss_type, label_smoothing)
     return LOSSES[name](policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta,
-                        alpha=alpha, eps_max=eps_max, eps=eps, clip=clip, loss_type=loss_type,
-                        label_smoothing=label_smoothing)
+                        alpha, eps_max, eps, clip, loss_type, label_smoothing)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# The metric and the option parser that train.py and eval.py share
+# ================================================================================================================
+# Beyond the paper's core: the metric and option parser the scripts share, Proposition 2 as it holds, the weightings
+# of arXiv:2512.10040 and losses over sets of scored responses (MPO)
 
 TIE_NATS = 1e-4  # a margin under this many nats is a tie: float noise, e.g. between the same policy in other rows
 
 
 def reward_accuracy(chosen_rewards, rejected_rewards, beta=1.0, tol=TIE_NATS):
-    r"""The preference-accuracy metric (TRL's rewards/accuracies), per pair: 1 if the chosen response has the larger
-    reward, 0 if the rejected one has, and 1/2 for a tie, a margin under tol nats of log-prob:
+    r"""Preference accuracy (TRL's rewards/accuracies) per pair, from rewards (B,) with their beta or log-probs with
+    beta = 1: 1/2 for a tie, a margin under tol nats, so that a policy equal to its reference scores 0.5, not 0.
 
     .. math::
         \mathrm{acc} = \mathbb{1}[m \ge \tau] + \tfrac12\,\mathbb{1}[|m| < \tau],
         \qquad m = (r(x, y_w) - r(x, y_l)) / \beta
-
-    chosen_rewards, rejected_rewards: (B,) implicit rewards beta (log pi_theta - log pi_ref) with their beta, or plain
-    log-probs with beta = 1. Returns (B,) float32 scores; their mean is the accuracy. A tie counts half so that a
-    policy equal to its reference (every reward 0) scores 0.5, chance, not 0.
     """
     margin = (chosen_rewards.float() - rejected_rewards.float()) / beta  # (B,) in nats
-    tie = margin.abs() < tol
-    return torch.where(tie, 0.5, (margin > 0).float())
+    return torch.where(margin.abs() < tol, 0.5, (margin > 0).float())  # (B,) float32; the mean is the accuracy
 
 
 def parse_alpha(text, K):
-    """The --alpha option of the scripts: "arwc" | "uniform" | K comma-separated non-negative numbers with a positive
-    sum (normalised later by resolve_alpha). Returns the name or the list of K floats; raises ValueError naming the
-    fix otherwise."""
+    """The scripts' --alpha: "arwc" | "uniform" | K comma-separated non-negative numbers with a positive sum
+    (resolve_alpha normalises them). Returns the name or the K floats; raises ValueError naming the fix."""
     if text in ("arwc", "uniform"):
         return text
     try:
@@ -388,137 +330,88 @@ def parse_alpha(text, K):
 # ----------------------------------------------------------------------------------------------------------------
 # Proposition 2: when is the MRPO gradient larger (or smaller) than Multi-DPO's?
 
-
 def jensen_gap(neg_logps, alpha):
-    r"""J_alpha(a) = logsumexp_k(log alpha_k + a_k) - sum_k alpha_k a_k >= 0, for a_k = -log pi_k(y|x) (nats).
-
-    Zero iff all a_k with alpha_k > 0 are equal; at most max_k a_k - min_k a_k. neg_logps, alpha: (K, B) -> (B,).
-    """
+    r"""J_alpha(a) = logsumexp_k(log alpha_k + a_k) - sum_k alpha_k a_k >= 0, for a_k = -log pi_k(y|x) (nats): zero
+    iff all a_k with alpha_k > 0 are equal, at most max_k a_k - min_k a_k. neg_logps, alpha: (K, B) -> (B,)."""
     return torch.logsumexp(torch.log(alpha) + neg_logps, dim=0) - (alpha * neg_logps).sum(0)
 
 
 def prop2_bound(ref_chosen_logps, ref_rejected_logps, alpha):
-    r"""The gap between the harmonic virtual reference's margin and the alpha-weighted mean margin.
-
-    Notation (the paper's sign): the policy margin h = log pi_theta(y_w) - log pi_theta(y_l), reference k's margin
-    m_k = log pi_k(y_w) - log pi_k(y_l), and d_k = beta (m_k - h). The DPO loss against reference k has
-    dL_k/dh = -beta sigmoid(d_k), so |grad| of Multi-DPO (Eq. 11) is beta sum_k alpha_k sigmoid(d_k) |grad h| and
-    that of MRPO is beta sigmoid(d_tilde) |grad h| with d_tilde = beta (m_tilde - h), m_tilde the virtual margin.
-
-    Prop. 2 (as printed) compares the two when all d_k share a sign. What is true:
-
-    (a) Geometric-mean reference, m_geo = sum_k alpha_k m_k: d_geo = sum_k alpha_k d_k exactly, and because
-        sigmoid is concave on [0, inf) and convex on (-inf, 0], Jensen's inequality gives
-            all d_k >= 0  =>  sigmoid(d_geo) >= sum_k alpha_k sigmoid(d_k),
-            all d_k <= 0  =>  sigmoid(d_geo) <= sum_k alpha_k sigmoid(d_k).
-    (b) Harmonic virtual reference (Prop. 1). With a_k = -log pi_k(y_w), b_k = -log pi_k(y_l),
-            log pi_tilde(y) = -logsumexp_k(log alpha_k + a_k) = -sum_k alpha_k a_k - J_alpha(a),
-        so m_tilde = m_geo + J_alpha(b) - J_alpha(a), i.e. d_tilde = sum_k alpha_k d_k + beta (J(b) - J(a)).
-        sigmoid is increasing, so (a) carries over exactly when the gap has the right sign:
-            all d_k >= 0 and J(b) >= J(a)  =>  sigmoid(d_tilde) >= sum_k alpha_k sigmoid(d_k),
-            all d_k <= 0 and J(b) <= J(a)  =>  sigmoid(d_tilde) <= sum_k alpha_k sigmoid(d_k).
-        Without it the inequality can fail: the references disagreeing more on y_w than on y_l (J(a) > J(b))
-        pulls m_tilde below m_geo.
-    (c) With CTRO every a_k lies in [(1-eps_w) a_1, (1+eps_w) a_1] (likewise b), and J(x) <= max x - min x, so
-        |J(b) - J(a)| <= 2 max(eps_w a_1, eps_l b_1) =: delta. Since sigmoid is 1/4-Lipschitz, the printed
-        inequalities then hold up to beta delta / 4:
-            all d_k >= 0  =>  sigmoid(d_tilde) >= sum_k alpha_k sigmoid(d_k) - beta delta / 4   (and mirrored),
-        and exactly at eps = 0.
-
-    ref_chosen_logps, ref_rejected_logps, alpha: (K, B) (use the clipped log-probs if CTRO is on).
-    Returns J(b) - J(a), (B,): the exact shift d_tilde - sum_k alpha_k d_k, divided by beta.
+    r"""Prop. 2 as it holds: is MRPO's gradient larger (or smaller) than Multi-DPO's? Inputs (K, B), clipped if CTRO
+    is on. With the policy margin h, reference k's margin m_k and d_k = beta (m_k - h), dL_k/dh = -beta sigmoid(d_k):
+    |grad| is beta sum_k alpha_k sigmoid(d_k) |grad h| for Multi-DPO (Eq. 11), beta sigmoid(d_tilde) |grad h| for
+    MRPO, d_tilde = beta (m_tilde - h). Prop. 2 as printed compares them when all d_k share a sign. What is true:
+    (a) Geometric mean, m_geo = sum_k alpha_k m_k: d_geo = sum_k alpha_k d_k, and sigmoid is concave on [0, inf),
+        convex on (-inf, 0], so by Jensen all d_k >= 0 => sigmoid(d_geo) >= sum_k alpha_k sigmoid(d_k) (<= if <= 0).
+    (b) Harmonic (Prop. 1): with a_k = -log pi_k(y_w), b_k = -log pi_k(y_l), log pi_tilde(y_w) =
+        -logsumexp_k(log alpha_k + a_k) = -sum_k alpha_k a_k - J_alpha(a), so d_tilde = sum_k alpha_k d_k +
+        beta (J(b) - J(a)): (a) carries over exactly when all d_k >= 0 and J(b) >= J(a) (all <= 0 and J(b) <= J(a)),
+        and can fail otherwise: references that disagree more on y_w than on y_l pull m_tilde below m_geo.
+    (c) With CTRO every a_k lies in [(1-eps_w) a_1, (1+eps_w) a_1] (likewise b) and J(x) <= max x - min x, so
+        |J(b) - J(a)| <= 2 max(eps_w a_1, eps_l b_1) =: delta; sigmoid being 1/4-Lipschitz, the printed inequalities
+        hold up to beta delta / 4, exactly at eps = 0. Returns J(b) - J(a), (B,): d_tilde's shift, divided by beta.
     """
     return jensen_gap(-ref_rejected_logps, alpha) - jensen_gap(-ref_chosen_logps, alpha)
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Weighting strategies beyond ARWC (Echarghaoui and Wu, arXiv:2512.10040): weights that never look at the pair
-# being trained on
-#
-# m_k = log pi_k(y_w|x) - log pi_k(y_l|x) is reference k's margin on a pair. VDW and VAW fix alpha (K,) once, from M
-# held-out validation pairs; SWCW sets it for each step from the batches already trained on; TSW picks one reference
-# per step as a K-armed bandit. Every alpha below is (K,), non-negative, sums to 1, and plugs into mrpo_loss,
-# multi_dpo_loss and mean_ref_loss as their alpha. alpha_k = 0 drops reference k from the virtual reference exactly
-# (log 0 = -inf inside the logsumexp of Prop. 1), so the result is the virtual reference of the others. With CTRO's
-# adaptive eps (Eq. 9) a zero-weighted reference k > 1 still counts in the log-prob mass that sets eps; to drop it
-# from the loss entirely, pass a fixed eps (or clip=False), or leave its row out of the tensors.
+# Weightings that never look at the pair being trained on (Echarghaoui and Wu, arXiv:2512.10040), with m_k reference
+# k's margin: VDW and VAW fix alpha (K,) from M held-out pairs, SWCW sets it each step from the batches trained on,
+# TSW picks one reference per step (a bandit). alpha_k = 0 drops reference k from Prop. 1 exactly, but k > 1 still
+# counts in Eq. 9's adaptive eps: pass a fixed eps, or leave its row out.
 
-
-def _margins(ref_chosen_logps, ref_rejected_logps):
-    """m_k = log pi_k(y_w|x) - log pi_k(y_l|x): (K, N) -> (K, N), float64 on the CPU (sums over many pairs)."""
+def _margins(ref_chosen_logps, ref_rejected_logps, validation=False):
+    """m_k: (K, N) -> (K, N), float64 on the CPU (sums over many pairs); validation: M >= 1 finite pairs."""
+    if validation:
+        _check_refs(ref_chosen_logps, ref_rejected_logps)
+        if ref_chosen_logps.shape[1] == 0:
+            raise ValueError("no validation pairs (M = 0): VDW and VAW need the references' log-probs on at least "
+                             "one held-out pair; give (K, M) tensors with M >= 1")
     return ref_chosen_logps.detach().to("cpu", torch.float64) - ref_rejected_logps.detach().to("cpu", torch.float64)
 
 
-def _validation_margins(val_chosen_logps, val_rejected_logps):
-    """(K, M) reference log-probs on M >= 1 validation pairs -> margins (K, M)."""
-    _check_refs(val_chosen_logps, val_rejected_logps)
-    if val_chosen_logps.shape[1] == 0:
-        raise ValueError("no validation pairs (M = 0): VDW and VAW need the references' log-probs on at least one "
-                         "held-out pair; give (K, M) tensors with M >= 1")
-    return _margins(val_chosen_logps, val_rejected_logps)
-
-
-def _normalise(scores):
-    """Scores (K,) >= 0 -> weights (K,) summing to 1; all-zero scores (nothing to prefer) -> uniform 1/K."""
+def _normalise(scores, like=None):
+    """Scores (K,) >= 0 -> weights (K,) summing to 1 (in like's dtype and device); all 0 -> uniform 1/K."""
     total = scores.sum()
-    if total > 0:
-        return scores / total
-    return torch.full_like(scores, 1.0 / scores.shape[0])
+    alpha = scores / total if total > 0 else torch.full_like(scores, 1.0 / scores.shape[0])
+    return alpha if like is None else alpha.to(like.device, like.dtype)
 
 
 @torch.no_grad()
 def vdw_weights(val_chosen_logps, val_rejected_logps):
     r"""Validation-set discrimination weighting (VDW, arXiv:2512.10040): ARWC's confidence, summed over a held-out set.
+    val_*: (K, M) RAW reference log-probs on M validation pairs, never the training ones. Returns alpha (K,) in their
+    dtype and device, fixed for the run; M = 1 is ARWC (Eq. 10). Like ARWC it rewards large margins, right or wrong.
 
     .. math::
         \alpha_k = \frac{\sum_{i=1}^{M} \big|m_k^{(i)}\big|}{\sum_{j=1}^{K} \sum_{i=1}^{M} \big|m_j^{(i)}\big|},
         \qquad m_k^{(i)} = \log\pi_{ref}^k(y_w^{(i)}|x^{(i)}) - \log\pi_{ref}^k(y_l^{(i)}|x^{(i)})
-
-    val_chosen_logps, val_rejected_logps: (K, M) RAW reference log-probs on M validation pairs, never the training
-    pairs. Returns alpha (K,), fixed for the whole run, in the inputs' dtype and device. M = 1 gives ARWC (Eq. 10) on
-    that pair. Every margin exactly 0: uniform 1/K. Scaling all log-probs by c > 0 changes nothing; scaling reference
-    k's alone scales its unnormalised weight by c (the weight rewards large margins, right or wrong: it ignores the
-    labels' direction, like ARWC).
     """
-    margins = _validation_margins(val_chosen_logps, val_rejected_logps)  # (K, M)
-    alpha = _normalise(margins.abs().sum(1))  # VDW, (K,)
-    return alpha.to(device=val_chosen_logps.device, dtype=val_chosen_logps.dtype)
+    margins = _margins(val_chosen_logps, val_rejected_logps, validation=True)  # (K, M)
+    return _normalise(margins.abs().sum(1), like=val_chosen_logps)  # VDW, (K,)
 
 
 @torch.no_grad()
 def vaw_weights(val_chosen_logps, val_rejected_logps):
     r"""Validation-set accuracy weighting (VAW, arXiv:2512.10040): each reference's preference accuracy, normalised.
+    val_*, alpha as in vdw_weights. A tie counts as wrong; no reference ever right (swapped labels?) gives 1/K each.
 
     .. math::
         \alpha_k = \frac{n_k}{\sum_{j=1}^{K} n_j}, \qquad n_k = \#\{i : m_k^{(i)} > 0\}
-
-    val_chosen_logps, val_rejected_logps: (K, M) reference log-probs on M validation pairs. Returns alpha (K,), fixed
-    for the whole run, in the inputs' dtype and device. A tie (m_k = 0) counts as wrong. A reference right on no
-    validation pair gets alpha_k = 0, which drops it from the virtual reference and from Multi-DPO's sum (but not
-    from Eq. 9's adaptive eps; see the note above this section). If NO reference is right on any pair, every n_k = 0
-    and alpha is uniform 1/K: there is nothing to prefer one reference over another, but every reference preferring
-    the rejected responses usually means the validation labels or the cache are swapped. Invariant to any
-    per-reference rescaling of the log-probs by c > 0 (only signs count).
     """
-    margins = _validation_margins(val_chosen_logps, val_rejected_logps)  # (K, M)
-    alpha = _normalise((margins > 0).sum(1).to(torch.float64))  # VAW, (K,)
-    return alpha.to(device=val_chosen_logps.device, dtype=val_chosen_logps.dtype)
+    margins = _margins(val_chosen_logps, val_rejected_logps, validation=True)  # (K, M)
+    return _normalise((margins > 0).sum(1).to(torch.float64), like=val_chosen_logps)  # VAW, (K,)
 
 
 class SlidingWindowWeights:
     r"""Sliding-window confidence weighting (SWCW, arXiv:2512.10040): ARWC's confidence pooled over the last W batches.
+    N_t (below) counts the pairs of batches t-W .. t-1: step t's weights never see batch t (ARWC's do). Per step:
+    alpha = sw.alpha() (uniform at first); the loss on batch t; sw.update(ref_chosen_t, ref_rejected_t).
+    state_dict() is plain Python (weights_only-safe): a checkpoint resumes exactly.
 
     .. math::
         c_k^{(t)} = \frac{1}{N_t} \sum_{s=t-W}^{t-1} \sum_{i \in \text{batch } s} \big|m_k^{(i)}\big|,
         \qquad \alpha_k^{(t)} = \frac{c_k^{(t)}}{\sum_{j=1}^{K} c_j^{(t)}}
-
-    where N_t counts the pairs in batches t-W .. t-1. The weights for step t come only from batches already trained
-    on, never from batch t, so a pair's weight cannot depend on that pair (ARWC's Eq. 10 uses the pair itself).
-    Pairs are pooled (a batch of 2B pairs counts twice a batch of B); N_t cancels in alpha, it makes c_k the mean
-    confidence per pair, worth logging. Before any update, or if every pooled margin is 0: uniform 1/K.
-
-    Use, per optimizer step:  alpha = sw.alpha();  loss with alpha on batch t;  sw.update(ref_chosen_t, ref_rejected_t).
-    state_dict() is plain Python (torch.save(..., weights_only=True) accepts it) so a checkpoint resumes exactly.
     """
 
     def __init__(self, K, window=1):
@@ -526,8 +419,7 @@ class SlidingWindowWeights:
             raise ValueError(f"SlidingWindowWeights needs K >= 1 references and window >= 1 batches, "
                              f"got K={K}, window={window}")
         self.K, self.window = K, window
-        self.sums = []  # per batch, oldest first, the last `window` only: [sum_i |m_1(i)|, ..., sum_i |m_K(i)|]
-        self.counts = []  # per batch: its number of pairs
+        self.sums, self.counts = [], []  # per batch of the window, oldest first: [sum_i |m_k(i)| for k], its pairs
 
     def confidence(self):
         """c_k: mean |m_k| per pair over the window, (K,) float64; zeros before any update."""
@@ -562,21 +454,13 @@ class SlidingWindowWeights:
 
 class ThompsonSamplingWeights:
     r"""Thompson-sampling weighting (TSW, arXiv:2512.10040): reference choice as a K-armed Bernoulli bandit.
+    Beta(a_k, b_k) is the posterior on "a step against reference k helps". Per step: k, alpha = choose(); DPO against
+    k alone (mrpo_loss, alpha = e_k, clip=False); update(k, reward), reward 1 if held-out accuracy on a random
+    validation subset rose (strictly). state_dict() (weights_only-safe) resumes the choices within a torch version.
 
     .. math::
         \theta_k \sim \mathrm{Beta}(a_k, b_k), \quad k^* = \arg\max_k \theta_k, \quad \alpha = e_{k^*};
         \qquad a_{k^*} \mathrel{+}= r, \quad b_{k^*} \mathrel{+}= 1 - r
-
-    Each reference k has a Beta(a_k, b_k) posterior on "a step against k helps", starting from the prior (a0, b0)
-    (default Beta(5, 5), mean 1/2). Each step: choose() samples every posterior and returns the arg-max k* with the
-    one-hot alpha e_{k*} (K,); the trainer runs single-reference DPO against k* (dpo_loss on row k*, which equals
-    mrpo_loss with alpha = e_{k*} and clip=False); then update(k*, reward) with reward = 1 if held-out preference
-    accuracy on a random validation subset rose after the step (strictly), else 0.
-
-    Sampling uses only this object's torch.Generator: a seed drawn from it drives torch.distributions.Beta inside
-    torch.random.fork_rng, so the global CPU RNG (dropout, shuffling) is left as it was, and state_dict() (the
-    counts and the generator state, which torch.save(..., weights_only=True) accepts) resumes the exact sequence
-    of choices. Exactness holds within one torch version (its Beta sampler may change between versions).
     """
 
     def __init__(self, K, prior=(5.0, 5.0), seed=0):
@@ -589,9 +473,9 @@ class ThompsonSamplingWeights:
         self.generator = torch.Generator().manual_seed(seed)
 
     def sample(self):
-        """theta_k ~ Beta(a_k, b_k), (K,) float64, driven by this object's generator only."""
+        """theta_k ~ Beta(a_k, b_k), (K,) float64, from this object's generator alone: the global RNG is restored."""
         seed = int(torch.randint(0, 2**62, (), generator=self.generator))
-        with torch.random.fork_rng(devices=[]):  # restore the global CPU RNG afterwards; CUDA RNGs are not touched
+        with torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(seed)
             a, b = torch.tensor(self.a, dtype=torch.float64), torch.tensor(self.b, dtype=torch.float64)
             return torch.distributions.Beta(a, b).sample()
@@ -606,10 +490,7 @@ class ThompsonSamplingWeights:
         if not 0 <= int(k) < self.K or reward not in (True, False):
             raise ValueError(f"update(k, reward) needs 0 <= k < K={self.K} and a bool (or 0/1) reward, "
                              f"got k={k!r}, reward={reward!r}")
-        if reward:
-            self.a[int(k)] += 1.0
-        else:
-            self.b[int(k)] += 1.0
+        (self.a if reward else self.b)[int(k)] += 1.0
 
     def posterior_mean(self):
         """E[theta_k] = a_k / (a_k + b_k), (K,) float64: each reference's estimated chance of helping a step."""
@@ -630,17 +511,11 @@ class ThompsonSamplingWeights:
 
 # ----------------------------------------------------------------------------------------------------------------
 # Sets of scored responses: MPO (Gupta et al., "Multi-Preference Optimization: Generalizing DPO via Set-Level
-# Contrasts", https://arxiv.org/abs/2412.04628v4) against one reference, and against K references the MRPO way
-#
-# A prompt comes with n >= 2 responses y_1..y_n, each scored r_i (higher is better, e.g. by a reward model). Those
-# scored above the set's mean r_bar form Y+, the rest (r_i <= r_bar) Y-. B sets are padded to N slots:
-#   mask (B, N) bool: the real responses.  policy_logps, scores, rewards: (B, N).  losses, has_preference: (B,).
-#   ref_logps: (B, N) for one reference, (K, B, N) for K (row 0 = reference 1).  alpha: (K, B), one per set.
-# Masked slots may hold anything, nan and inf included: torch.where replaces them by 0 before they can reach a loss,
-# a reward or a gradient (rewards and gradients are exactly 0 there). A set whose real scores are all equal has
-# no preference: its loss is exactly 0, with gradient 0, and has_preference is False. Fewer than 2 real responses in
-# a set: ValueError. set_pairs turns sets into the (y_w, y_l) pairs of the pairwise losses above.
-
+# Contrasts", https://arxiv.org/abs/2412.04628v4), against one reference or K. A prompt has n >= 2 responses y_i
+# scored r_i (higher is better); those above the mean r_bar form Y+, the rest Y-. B sets padded to N slots: mask
+# (B, N) bool marks the real responses; policy_logps, scores, rewards (B, N); ref_logps (B, N), or (K, B, N) for K;
+# alpha (K, B); losses, has_preference (B,). Masked slots may hold nan or inf: they reach no loss, reward or gradient.
+# A set whose real scores all tie has no preference: loss 0, gradient 0. Fewer than 2 real responses: ValueError.
 
 def _set_scores(scores, mask):
     """Checks a padded batch of sets; returns the scores (float32 at least, 0 in masked slots) and each set's best
@@ -652,7 +527,7 @@ def _set_scores(scores, mask):
     if short:
         raise ValueError(f"sets {short[:8]} have fewer than 2 real responses in mask; a set needs at least 2 to "
                          f"compare: drop those prompts, or score more responses for them")
-    scores = torch.where(mask, scores.to(torch.promote_types(scores.dtype, torch.float32)), 0.0)
+    scores = torch.where(mask, _up(scores), 0.0)
     if not bool(torch.isfinite(scores).all()):
         raise ValueError("scores of real responses must be finite; check the reward model's scores")
     return scores, torch.where(mask, scores, -torch.inf).amax(1), torch.where(mask, scores, torch.inf).amin(1)
@@ -673,29 +548,21 @@ def _set_partition(scores, mask, weighting, gamma):
 
 def mpo_loss(policy_logps, ref_logps, scores, mask, beta, weighting="none", gamma=1.0):
     r"""MPO: a set-level Bradley-Terry loss, Y+ against all n responses of the prompt, against one reference.
+    weighting: "none" (w_i = 1, MPO), "deviation" (e^{gamma |r_i - r_bar|}, W-MPO as the ICLR 2026 reviews describe
+    it, openreview.net/forum?id=iXo8oV3Pz0) or "signed" (e^{gamma (r_i - r_bar)}, as SWEPO, v1, and REFA,
+    arXiv:2412.16378v4 Eq. 5, write it); gamma is the paper's alpha. n = 2: "none" and "deviation" give DPO (Eq. 5),
+    "signed" -log sigma(s_w - s_l + gamma (r_w - r_l)). Returns (losses, rewards s_i detached, has_preference).
 
     .. math::
         \mathcal{L}_{MPO} = -\log\frac{\sum_{i \in Y^+} w_i\, e^{s_i}}{\sum_{i=1}^{n} w_i\, e^{s_i}},
         \qquad s_i = \beta\log\frac{\pi_\theta(y_i|x)}{\pi_{ref}(y_i|x)},
         \qquad Y^+ = \{i : r_i > \bar r\}, \quad \bar r = \tfrac1n \sum_{i=1}^{n} r_i
-
-    weighting: "none" (w_i = 1, MPO), "deviation" (w_i = e^{gamma |r_i - r_bar|}, W-MPO) or "signed"
-    (w_i = e^{gamma (r_i - r_bar)}). gamma is the paper's alpha (alpha names the references' weights here). The two
-    forms agree on Y+ and differ on Y-: "deviation" up-weights the worst responses, "signed" down-weights them. How
-    they are written: SWEPO (v1 of arXiv:2412.04628) gives e^{alpha (r_i - r_bar)} on Y+; the reviews of MPO's ICLR
-    2026 version (openreview.net/forum?id=iXo8oV3Pz0) describe W-MPO's weights as the absolute deviation; REFA
-    (arXiv:2412.16378v4, Eq. 5, same authors) restates MPO's weights as e^{alpha (r_i - r_bar)} on every response.
-    n = 2: "none" and "deviation" (two equal weights) give DPO, Eq. 5; "signed" gives
-    -log sigma(s_w - s_l + gamma (r_w - r_l)), DPO with a score margin.
-    policy_logps, ref_logps, scores, mask: (B, N). Returns (losses (B,), rewards s_i (B, N) detached, has_preference
-    (B,)). Policy equal to reference, "none": loss = log(n / |Y+|) (ln 2 for a pair).
     """
     if policy_logps.shape != mask.shape or ref_logps.shape != mask.shape:
         raise ValueError(f"policy_logps and ref_logps must be (B, N) like mask {tuple(mask.shape)}; got "
                          f"{tuple(policy_logps.shape)} and {tuple(ref_logps.shape)}")
-    policy_logps, _, ref_logps, _ = _loss_inputs(policy_logps, policy_logps, ref_logps, ref_logps)  # float32+
     chosen, has_preference, log_w = _set_partition(scores, mask, weighting, gamma)
-    rewards = beta * torch.where(mask, policy_logps - ref_logps, 0.0)  # s_i; masked slots -> 0
+    rewards = beta * torch.where(mask, _up(policy_logps) - _up(ref_logps).detach(), 0.0)  # s_i; masked slots -> 0
     log_w_chosen = torch.where(chosen | ~has_preference[:, None], log_w, -torch.inf)  # no Y+: numerator = denominator
     losses = torch.logsumexp(rewards + log_w, 1) - torch.logsumexp(rewards + log_w_chosen, 1)  # MPO
     return losses, rewards.detach(), has_preference
@@ -703,15 +570,12 @@ def mpo_loss(policy_logps, ref_logps, scores, mask, beta, weighting="none", gamm
 
 def set_adaptive_eps(ref_logps, mask, eps_max):
     r"""Eq. 9 over a set: each response's share of the reference log-prob mass of ALL the prompt's real responses.
+    The paper sums over "all possible outputs": y_w and y_l for a pair, n responses for a set, whose eps then sum to
+    eps_max. ref_logps: (K, B, N) RAW. Returns eps (B, N), 0 in masked slots; all-zero mass: eps_max / n each.
 
     .. math::
         \epsilon(y_i|x) = \epsilon_{max}\,\frac{\big|\sum_k \log\pi_{ref}^k(y_i|x)\big|}
                                               {\sum_{j=1}^{n} \big|\sum_k \log\pi_{ref}^k(y_j|x)\big|}
-
-    The paper's denominator is "the sum over all possible outputs"; for a pair that is y_w and y_l (adaptive_eps),
-    for a set all n responses, so the n eps of a set sum to eps_max and n = 2 gives Eq. 9 as the pair loss computes
-    it. Larger sets thus get narrower regions (mean eps_max / n); pass a fixed eps to mrpo_set_loss to decouple them.
-    ref_logps: (K, B, N) RAW log-probs. Returns eps (B, N), 0 in masked slots; all-zero mass: eps_max / n each.
     """
     mass = torch.where(mask, ref_logps.sum(0).abs(), 0.0)  # |sum_k log pi_k(y_i|x)|, (B, N)
     total = mass.sum(1, keepdim=True)  # over the real responses of the set, (B, 1)
@@ -721,32 +585,23 @@ def set_adaptive_eps(ref_logps, mask, eps_max):
 
 def mrpo_set_loss(policy_logps, ref_logps, scores, mask, beta, alpha="arwc", eps_max=0.1, eps=None, clip=True,
                   weighting="none", gamma=1.0):
-    r"""MPO against the virtual reference (Prop. 1) of K CTRO-clipped references (Eq. 8, 9), weighted by ARWC (Eq. 10).
+    r"""mpo_loss against the virtual reference (Prop. 1) of K CTRO-clipped references (Eq. 8, 9) weighted by ARWC
+    (Eq. 10): Eq. 7 with MPO's loss, each choice the pair version's at n = 2. Each response has its own virtual
+    reference and CTRO region (eps from set_adaptive_eps), a set one alpha; m_k is reference k's margin on the
+    contrast trained, Y+ against Y-, |mean| so that an inconsistent ordering earns no confidence. Options as
+    mrpo_loss's; eps may be (B, N). ref_logps: (K, B, N). Returns mpo_loss's triple; K = 1 or eps = 0: mpo_loss.
 
     .. math::
         \log\tilde\pi_{ref}(y_i|x) = -\operatorname{logsumexp}_k\big(\log\alpha_k - \log\hat\pi_{ref}^k(y_i|x)\big),
         \qquad \alpha_k = \frac{|m_k|}{\sum_j |m_j|}, \quad
         m_k = \frac{1}{|Y^+|}\sum_{i \in Y^+}\log\pi_{ref}^k(y_i|x)
             - \frac{1}{|Y^-|}\sum_{i \in Y^-}\log\pi_{ref}^k(y_i|x)
-
-    then mpo_loss with log pi_tilde as the reference (Eq. 7 with MPO's loss in place of DPO's). Choices, each equal to
-    the pair version at n = 2: every response gets its own virtual reference and its own CTRO region (Eq. 8) with eps
-    from set_adaptive_eps (Eq. 9 over all n responses); one alpha (K,) per set, shared by its responses as mrpo_loss
-    shares it between y_w and y_l. ARWC's m_k is reference k's margin on the set-level contrast the loss trains, Y+
-    against Y-: the mean of its margins over all (Y+, Y-) pairs (contrasting Y+ with all n responses, as the loss's
-    denominator does, scales every m_k by |Y-| / n: the same alpha). Its absolute value, not the mean of absolute
-    margins, so that a reference that orders the set inconsistently earns no confidence. Every m_k = 0: uniform.
-    Eq. 9 and 10 read the RAW log-probs, as in mrpo_loss. alpha: "arwc" | "uniform" | weights as resolve_alpha takes.
-    eps: a fixed eps instead of eps_max (float, (B,) per set or (B, N) per response); clip=False turns CTRO off.
-    K = 1 or eps = 0 gives mpo_loss against reference 1. ref_logps: (K, B, N), finite in real slots; the rest (B, N).
-    Returns mpo_loss's (losses, rewards, has_preference), rewards against the virtual reference.
     """
     if ref_logps.dim() != 3 or ref_logps.shape[1:] != mask.shape:
         raise ValueError(f"ref_logps must be (K, B, N) with (B, N) = mask's {tuple(mask.shape)}; got "
                          f"{tuple(ref_logps.shape)} (one reference: ref_logps[None])")
-    policy_logps, _, ref_logps, _ = _loss_inputs(policy_logps, policy_logps, ref_logps, ref_logps)  # float32+
     chosen, _, _ = _set_partition(scores, mask, weighting, gamma)
-    ref_logps = torch.where(mask, ref_logps, 0.0)  # (K, B, N)
+    ref_logps = torch.where(mask, _up(ref_logps).detach(), 0.0)  # (K, B, N)
     _check_refs(ref_logps[:, mask], ref_logps[:, mask])  # the real slots, (K, M), must be finite
     K, B, N = ref_logps.shape
     rejected = mask & ~chosen  # Y-
@@ -754,8 +609,7 @@ def mrpo_set_loss(policy_logps, ref_logps, scores, mask, beta, alpha="arwc", eps
     mean_rejected = (ref_logps * rejected).sum(2) / rejected.sum(1).clamp(min=1)
     alpha = resolve_alpha(alpha, mean_chosen, mean_rejected)  # Eq. 10 on the set means, (K, B)
     if clip:
-        if eps is None:
-            eps = set_adaptive_eps(ref_logps, mask, eps_max)  # Eq. 9, (B, N)
+        eps = set_adaptive_eps(ref_logps, mask, eps_max) if eps is None else eps  # Eq. 9, (B, N)
         eps = torch.as_tensor(eps, dtype=ref_logps.dtype, device=ref_logps.device)
         ref_logps = ctro_clip(ref_logps, eps[:, None] if eps.dim() == 1 else eps)  # Eq. 8, (K, B, N)
     alpha = alpha[:, :, None].expand(K, B, N).reshape(K, B * N)  # each response gets its set's alpha
@@ -764,13 +618,10 @@ def mrpo_set_loss(policy_logps, ref_logps, scores, mask, beta, alpha="arwc", eps
 
 
 def set_pairs(scores, mask, mode="all"):
-    """The pairs of each set for the pairwise losses: (set_idx, better_idx, worse_idx), LongTensors (P,).
-
-    mode "all": every ordered pair of real responses with r_i > r_j (ties give none), ordered by set, then i, then j.
-    mode "best_worst": one pair per set, its best against its worst response; among tied best (or worst) scores the
-    lowest index. Sets without preference give no pair. Use: pc, pr = policy_logps[s, w], policy_logps[s, l] and
-    rc, rr = ref_logps[:, s, w], ref_logps[:, s, l] for mrpo_loss. scores, mask: (B, N).
-    """
+    """The pairs of each set for the pair losses: (set_idx, better_idx, worse_idx), LongTensors (P,). mode "all":
+    every ordered pair of real responses with r_i > r_j, by set, then i, then j; "best_worst": a set's best against
+    its worst (the lowest index among ties). Sets without preference give none. For mrpo_loss:
+    pc, pr = policy_logps[s, w], policy_logps[s, l] and rc, rr = ref_logps[:, s, w], ref_logps[:, s, l]."""
     scores, best, worst = _set_scores(scores, mask)
     if mode == "all":
         better = mask[:, :, None] & mask[:, None, :] & (scores[:, :, None] > scores[:, None, :])  # (B, N, N): i > j
@@ -785,21 +636,14 @@ def set_pairs(scores, mask, mode="all"):
 
 @torch.no_grad()
 def set_ranking_metrics(values, scores, mask, beta=1.0, tol=TIE_NATS):
-    r"""How well values (B, N) rank each set's responses by score: implicit rewards with their beta, or log-probs.
-
-    Per set, (B,) each, ties in values being differences under tol nats (after dividing by beta), as in
-    reward_accuracy:
-    - pairwise_accuracy: reward_accuracy averaged over the ordered pairs with r_i > r_j (a tie in values counts 1/2).
-    - top1_accuracy: the share of the set's top-valued responses (no real response beats them by tol or more) that
-      have the set's best score (any of tied best scores counts): chance level when all values tie.
-    - kendall_tau_b: the tau-b, which corrects for ties in both scores and values; 0 when all values tie.
+    r"""How well values (B, N) rank each set by score: implicit rewards with their beta, or log-probs. Per set (B,),
+    with ties in values as in reward_accuracy: pairwise_accuracy, reward_accuracy over the pairs with r_i > r_j;
+    top1_accuracy, the share of top-valued responses (none beaten by tol) with the best score (chance if all tie);
+    kendall_tau_b (0 if all values tie), with n_c, n_d concordant and discordant pairs, n_1, n_2 tied in scores, in
+    values; and has_preference, the sets to average over: m["kendall_tau_b"][m["has_preference"]].mean().
 
     .. math::
         \tau_b = \frac{n_c - n_d}{\sqrt{(n_0 - n_1)(n_0 - n_2)}}, \qquad n_0 = \tbinom{n}{2}
-
-    with n_c, n_d the concordant and discordant pairs, n_1, n_2 the pairs tied in scores and in values. Also returns
-    has_preference (B,); average each metric over the sets that have one, each set counting once, e.g.
-    m["kendall_tau_b"][m["has_preference"]].mean().
     """
     scores, best, worst = _set_scores(scores, mask)
     values = torch.where(mask, values, 0.0)
