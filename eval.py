@@ -1,4 +1,5 @@
-r"""Preference accuracy and reward margin of a base model and of LoRA adapters trained by train.py, on held-out pairs.
+r"""Preference accuracy and reward margin of a base model and of LoRA adapters trained by train.py, on held-out pairs
+or sets of scored completions.
 
 CPU demo (what `make demo` runs after training):
 
@@ -14,18 +15,16 @@ Several GPUs: the same command under `torchrun --standalone --nproc_per_node 8 e
 process scores every 8th row of the cache, rank 0 gathers the log-probs and writes the same JSON. Nothing to
 resume: evaluation is one pass, and the JSON is written atomically at the end.
 
-For every policy pi (the base model, or base + adapter) and every held-out pair (x, y_w, y_l) it measures:
-- against reference 1 (the model the policy started from, DPO's reference): the implicit reward
-  r(x, y) = beta (log pi(y|x) - log pi_ref1(y|x)); accuracy = share of pairs with r(x, y_w) > r(x, y_l), and the mean
-  margin r(x, y_w) - r(x, y_l). Pairs are scored in the cache's rows, the rows reference 1 was scored in, so the
-  base model's rewards are exactly 0 and its accuracy 0.5 (a tie counts half: mrpo.reward_accuracy);
-- against the virtual reference of MRPO (Prop. 1, with CTRO and the --alpha weights): the same two numbers;
-- own accuracy: the share of pairs where pi itself gives y_w a higher log-prob than y_l (no reference involved);
-- every reference's own accuracy, from the cache.
-On sets of scored completions the same three views rank each set: pairwise accuracy over the pairs of different
-scores, top-1 accuracy and Kendall's tau-b (mrpo.set_ranking_metrics), means over the sets that have a preference.
-The paper's "preference accuracy" (the authors' trainer logs eval rewards/accuracies from its loss's rewards) is
-the "virtual" column for MRPO runs and the "ref1" column for DPO runs; this script prints both for every policy.
+Each policy pi (the base model, base + adapter, or a merged model) is measured on the pairs (x, y_w, y_l) three ways:
+- ref1: the implicit reward r(x, y) = beta (log pi(y|x) - log pi_ref1(y|x)) against reference 1 (the model the policy
+  started from, DPO's reference): accuracy, the share of pairs with r(x, y_w) > r(x, y_l) (a tie counts half:
+  mrpo.reward_accuracy), and the mean margin r(x, y_w) - r(x, y_l). Scored in the rows reference 1 was scored in,
+  the base model's rewards are exactly 0 and its accuracy 0.5;
+- virtual: the same against the virtual reference of MRPO (Prop. 1, with CTRO and the --alpha weights);
+- own: the share of pairs where pi itself gives y_w the higher log-prob; the same for every reference, from the cache.
+On sets the three views rank each set: pairwise accuracy over the pairs of different scores, top-1 accuracy and
+Kendall's tau-b (mrpo.set_ranking_metrics), means over the sets that have a preference. The paper's "preference
+accuracy" (the eval rewards/accuracies of the authors' trainer) is the virtual column for MRPO, ref1 for DPO.
 
 Writes --out (JSON: every number, the settings) and, with --generate N, the greedy responses of every policy to the
 first N prompts beside the base model's in OUT's stem + .generations.jsonl.
@@ -88,17 +87,15 @@ try:
     cache = load_cache(args.refs, pairs, args.data)
 except InputError as e:
     fail(e)
-sets = kind == "sets"  # sets of scored completions: ranking metrics (mrpo.set_ranking_metrics)
-if sets:
-    ref_logps, scores, mask = cache["logps"], cache["scores"], cache["mask"]  # (K, N, W), (N, W), (N, W)
-else:
-    ref_chosen_logps, ref_rejected_logps = cache["chosen_logps"], cache["rejected_logps"]  # (K, N)
-K, N = cache["logps" if sets else "chosen_logps"].shape[:2]
-ref1 = cache["refs"][0]
+sets = kind == "sets"  # sets: ranking metrics (mrpo.set_ranking_metrics); pairs (W = 2): accuracy and margin
+ref_logps, scores, mask = cache["logps"], cache["scores"], cache["mask"]  # (K, N, W), (N, W), (N, W)
+(K, N, W), ref1 = ref_logps.shape, cache["refs"][0]
 try:
     alpha = mrpo.parse_alpha(args.alpha, K)  # the same parser as train.py's
 except ValueError as e:
     fail(f"{e} (K={K}: the references in {args.refs})")
+
+
 def is_merged(path):
     """A directory of a whole model (a transformers config.json, no adapter_config.json): an adapter merged in."""
     config = os.path.join(path, "config.json")
@@ -113,25 +110,27 @@ for path in args.adapters:
              f"adapter")
 
 # ----------------------------------------------------------------------------------------------------------------
-# Model: the base model once, every adapter loaded into it by name
+# Model: the base model once, every adapter loaded into it by name, merged models beside it
+
+
+def load(spec):
+    """(model in eval mode, tokenizer) of spec, checked to format text as reference 1 did (check_same_format)."""
+    try:
+        model, tokenizer = load_model(spec, dtype=args.dtype, load_in_4bit=args.load_in_4bit, device=str(device),
+                                      cache_dir=args.cache_dir)
+        check_same_format(spec, tokenizer, ref1, args.refs)
+        return model, tokenizer
+    except InputError as e:
+        fail(e)
+
 
 spec = args.model or ref1["name"]
+model, tokenizer = load(spec)
 try:
-    model, tokenizer = load_model(spec, dtype=args.dtype, load_in_4bit=args.load_in_4bit, device=str(device),
-                                  cache_dir=args.cache_dir)
-    check_same_format(spec, tokenizer, ref1, args.refs)
     encoded = encode_pairs(tokenizer, pairs, ref1["max_length"], ref1["max_prompt_length"], args.data)
 except InputError as e:
     fail(e)
-merged = {}  # merged model directory -> its model, loaded beside the base model
-for path in [p for p in args.adapters if p != "base" and is_merged(p)]:
-    try:
-        merged[path], merged_tokenizer = load_model(path, dtype=args.dtype, load_in_4bit=args.load_in_4bit,
-                                                    device=str(device), cache_dir=args.cache_dir)
-        check_same_format(path, merged_tokenizer, ref1, args.refs)
-    except InputError as e:
-        fail(e)
-    merged[path].eval()
+merged = {path: load(path)[0] for path in args.adapters if path != "base" and is_merged(path)}
 names = {}  # adapter directory -> peft adapter name
 for path in [p for p in args.adapters if p != "base" and p not in merged]:
     train_config = os.path.join(path, "config.json")
@@ -148,8 +147,7 @@ for path in [p for p in args.adapters if p != "base" and p not in merged]:
     except Exception as e:  # peft and safetensors raise many kinds for a broken folder
         fail(f"--adapters {path}: not a loadable LoRA adapter ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
              f"fix: give the --out-dir of a finished train.py run")
-    weights = [w for n, w in model.named_parameters() if f".{names[path]}." in n]
-    if not all(bool(torch.isfinite(w).all()) for w in weights):
+    if not all(bool(torch.isfinite(w).all()) for n, w in model.named_parameters() if f".{names[path]}." in n):
         fail(f"--adapters {path}: its LoRA weights are not all finite, so every number of it would be made up; fix: "
              f"retrain it (train.py stops before saving non-finite weights)")
 model.eval()
@@ -168,10 +166,9 @@ def policy(path):
 @torch.no_grad()
 def policy_logps(path):
     """log pi(y|x) of every response under policy `path`, in data order: (N, W) float32 (0 after a set's last
-    completion; W = 2 for pairs: chosen, rejected), scored one forward per row of the cache: the base model gives
-    the cached reference-1 log-probs bit for bit."""
-    width = ref_logps.shape[2] if sets else 2
-    out, mine = torch.zeros(N, width), []  # mine: the rows this rank scored
+    completion), scored one forward per row of the cache: the base model gives the cached reference-1 log-probs bit
+    for bit."""
+    out, mine = torch.zeros(N, W), []  # mine: the rows this rank scored
     with policy(path) as pi:
         for row in tqdm(cache["rows"][rank::world], desc=path, leave=False, dynamic_ncols=True, disable=rank != 0):
             with autocast(device, args.dtype):
@@ -183,53 +180,50 @@ def policy_logps(path):
         out[idx] = x
     return out
 
-
-def accuracy(chosen, rejected, beta=1.0):
-    """Share of pairs ranked right, ties half: the mean of mrpo.reward_accuracy (train.py's metric too) of (N,)
-    log-probs (beta = 1) or implicit rewards (with their beta)."""
-    return float(mrpo.reward_accuracy(chosen, rejected, beta).mean())
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Evaluate every policy
 
-def ranking(values, beta=1.0):
-    """Sets: mrpo.set_ranking_metrics of (N, W) values, each a mean over the sets that have a preference."""
-    m = mrpo.set_ranking_metrics(values, scores, mask, beta)
-    has = m["has_preference"]
-    return {k: float(m[k][has].mean()) for k in ("pairwise_accuracy", "top1_accuracy", "kendall_tau_b")}
+
+RANKING = ("pairwise_accuracy", "top1_accuracy", "kendall_tau_b")  # of a set (mrpo.set_ranking_metrics)
 
 
-def set_results(logps):
-    """Sets: the ranking metrics of a policy's (N, W) log-probs as implicit rewards against reference 1 and the
-    virtual reference (mrpo_set_loss's rewards), and of the log-probs themselves (own/)."""
-    virtual = mrpo.mrpo_set_loss(logps, ref_logps, scores, mask, args.beta, alpha=alpha, eps_max=args.eps_max,
-                                 eps=args.eps, clip=not args.no_clip)[1]
-    return {**{f"ref1/{k}": v for k, v in ranking(args.beta * (logps - ref_logps[0]), args.beta).items()},
-            **{f"virtual/{k}": v for k, v in ranking(virtual, args.beta).items()},
-            **{f"own/{k}": v for k, v in ranking(logps).items()}}
-
-
-results = {}
-for path in tqdm(args.adapters, desc="policies", dynamic_ncols=True, disable=rank != 0):
+def metrics(values, beta=1.0):
+    """The numbers of (N, W) values, implicit rewards with their beta or log-probs (beta = 1). Pairs: accuracy (the
+    mean of mrpo.reward_accuracy, train.py's metric: a tie counts half) and the mean margin chosen - rejected; sets:
+    mrpo.set_ranking_metrics, each a mean over the sets that have a preference."""
     if sets:
-        results[path] = set_results(policy_logps(path))
-        continue
-    pc, pr = policy_logps(path).unbind(1)
-    ref1_chosen, ref1_rejected = args.beta * (pc - ref_chosen_logps[0]), args.beta * (pr - ref_rejected_logps[0])
-    _, virtual_chosen, virtual_rejected = mrpo.mrpo_loss(pc, pr, ref_chosen_logps, ref_rejected_logps, args.beta,
-                                                         alpha=alpha, eps_max=args.eps_max, eps=args.eps,
-                                                         clip=not args.no_clip)
-    results[path] = {
-        "ref1/accuracy": accuracy(ref1_chosen, ref1_rejected, args.beta),
-        "ref1/margin": float((ref1_chosen - ref1_rejected).mean()),
-        "virtual/accuracy": accuracy(virtual_chosen, virtual_rejected, args.beta),
-        "virtual/margin": float((virtual_chosen - virtual_rejected).mean()),
-        "own/accuracy": accuracy(pc, pr), "logps/chosen": float(pc.mean()), "logps/rejected": float(pr.mean())}
-references = [{"name": r["name"], **({"accuracy": accuracy(ref_chosen_logps[k], ref_rejected_logps[k]),
-                                      "logps/chosen": float(ref_chosen_logps[k].mean()),
-                                      "logps/rejected": float(ref_rejected_logps[k].mean())} if not sets else
-                                     {f"own/{name}": v for name, v in ranking(ref_logps[k]).items()})}
+        m = mrpo.set_ranking_metrics(values, scores, mask, beta)
+        return {k: float(m[k][m["has_preference"]].mean()) for k in RANKING}
+    chosen, rejected = values.unbind(1)  # (N,) each
+    return {"accuracy": float(mrpo.reward_accuracy(chosen, rejected, beta).mean()),
+            "margin": float((chosen - rejected).mean())}
+
+
+def evaluate(logps):
+    """Every number of a policy's (N, W) log-probs: the metrics of its implicit rewards against reference 1 and
+    against MRPO's virtual reference (the rewards of mrpo_set_loss for sets, of mrpo_loss for pairs), and of the
+    log-probs themselves (own/; for pairs its accuracy, then the mean log-probs)."""
+    options = dict(alpha=alpha, eps_max=args.eps_max, eps=args.eps, clip=not args.no_clip)
+    if sets:
+        virtual = mrpo.mrpo_set_loss(logps, ref_logps, scores, mask, args.beta, **options)[1]  # (N, W)
+    else:  # the cache's own (K, N) tensors: a strided view of logps can round differently in the sums over k
+        virtual = torch.stack(mrpo.mrpo_loss(*logps.unbind(1), cache["chosen_logps"], cache["rejected_logps"],
+                                             args.beta, **options)[1:], 1)  # (N, 2)
+    out = {f"{view}/{k}": v for view, values, beta in (("ref1", args.beta * (logps - ref_logps[0]), args.beta),
+                                                       ("virtual", virtual, args.beta), ("own", logps, 1.0))
+           for k, v in metrics(values, beta).items()}
+    if not sets:
+        del out["own/margin"]
+        out.update({"logps/chosen": float(logps[:, 0].mean()), "logps/rejected": float(logps[:, 1].mean())})
+    return out
+
+
+results = {path: evaluate(policy_logps(path))
+           for path in tqdm(args.adapters, desc="policies", dynamic_ncols=True, disable=rank != 0)}
+references = [{"name": r["name"], **({f"own/{name}": v for name, v in metrics(ref_logps[k]).items()} if sets else
+                                     {"accuracy": metrics(ref_logps[k])["accuracy"],  # the cache's own columns
+                                      "logps/chosen": float(cache["chosen_logps"][k].mean()),
+                                      "logps/rejected": float(cache["rejected_logps"][k].mean())})}
               for k, r in enumerate(cache["refs"])]
 if world > 1:  # under torchrun the other ranks are done (they scored their share); rank 0 generates and writes
     finish_distributed()
@@ -245,9 +239,9 @@ if args.generate:
         for path in ["base"] + [p for p in args.adapters if p != "base"]:
             with policy(path) as pi, autocast(device, args.dtype):
                 out = pi.generate(input_ids=torch.tensor([prompt_ids], device=device),
-                                     attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long, device=device),
-                                     max_new_tokens=args.max_new_tokens, do_sample=False,
-                                     pad_token_id=tokenizer.eos_token_id)
+                                  attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long, device=device),
+                                  max_new_tokens=args.max_new_tokens, do_sample=False,
+                                  pad_token_id=tokenizer.eos_token_id)
             row[path] = tokenizer.decode(out[0, len(prompt_ids):], skip_special_tokens=True)
         rows.append(row)
     with atomic_write(generations_path, "w") as f:
@@ -267,8 +261,8 @@ width = max(len(p) for p in args.adapters + ["policy"])
 if sets:
     print(f"{'policy':<{width}}  pairwise/top-1/tau vs ref1  vs virtual reference  own log-probs")
     for path, r in results.items():
-        print(f"{path:<{width}}  " + "  ".join(" ".join(f"{r[f'{s}/{k}']:6.3f}" for k in (
-            "pairwise_accuracy", "top1_accuracy", "kendall_tau_b")) for s in ("ref1", "virtual", "own")))
+        print(f"{path:<{width}}  " + "  ".join(" ".join(f"{r[f'{s}/{k}']:6.3f}" for k in RANKING)
+                                               for s in ("ref1", "virtual", "own")))
     print("references (own pairwise accuracy, top-1, tau): " + ", ".join(
         f"{r['name']} {r['own/pairwise_accuracy']:.3f} {r['own/top1_accuracy']:.3f} {r['own/kendall_tau_b']:.3f}"
         for r in references))
