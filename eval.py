@@ -10,22 +10,15 @@ One GPU, a 7B policy in 4 bit (the adapters of train.py's QLoRA runs; the base m
     python eval.py --data test.jsonl --refs runs/refs_test.safetensors --device cuda --dtype bf16 --load-in-4bit \
         --adapters base runs/dpo-7b runs/mrpo-7b --out runs/eval-7b.json --generate 20
 
-Several GPUs: the same command under `torchrun --standalone --nproc_per_node 8 eval.py ...` (no --device); each
-process scores every 8th row of the cache, rank 0 gathers the log-probs and writes the same JSON. Nothing to
-resume: evaluation is one pass, and the JSON is written atomically at the end.
+Several GPUs: the same command under `torchrun --standalone --nproc_per_node 8 eval.py ...` (no --device). Nothing
+to resume: evaluation is one pass, and the JSON is written atomically at the end.
 
-For every policy pi (the base model, or base + adapter) and every held-out pair (x, y_w, y_l) it measures:
-- against reference 1 (the model the policy started from, DPO's reference): the implicit reward
-  r(x, y) = beta (log pi(y|x) - log pi_ref1(y|x)); accuracy = share of pairs with r(x, y_w) > r(x, y_l), and the mean
-  margin r(x, y_w) - r(x, y_l). Pairs are scored in the cache's rows, the rows reference 1 was scored in, so the
-  base model's rewards are exactly 0 and its accuracy 0.5 (a tie counts half: mrpo.reward_accuracy);
-- against the virtual reference of MRPO (Prop. 1, with CTRO and the --alpha weights): the same two numbers;
-- own accuracy: the share of pairs where pi itself gives y_w a higher log-prob than y_l (no reference involved);
-- every reference's own accuracy, from the cache.
-On sets of scored completions the same three views rank each set: pairwise accuracy over the pairs of different
-scores, top-1 accuracy and Kendall's tau-b (mrpo.set_ranking_metrics), means over the sets that have a preference.
-The paper's "preference accuracy" (the authors' trainer logs eval rewards/accuracies from its loss's rewards) is
-the "virtual" column for MRPO runs and the "ref1" column for DPO runs; this script prints both for every policy.
+For each policy pi (the base model, base + adapter, or a merged model): the accuracy (a tie counts half) and mean
+margin of the implicit rewards beta log(pi / pi_ref) on the pairs (x, y_w, y_l), against reference 1 (ref1, DPO's
+reference: the base model scores exactly 0.5 and 0) and against MRPO's virtual reference (virtual: Prop. 1, CTRO,
+--alpha), and the accuracy of its own log-probs (own; for each reference too). On sets: the pairwise accuracy, top-1
+accuracy and Kendall's tau-b of the same three (mrpo.set_ranking_metrics), means over the sets that have a
+preference. The paper's "preference accuracy" is the virtual column for MRPO runs and ref1 for DPO runs.
 
 Writes --out (JSON: every number, the settings) and, with --generate N, the greedy responses of every policy to the
 first N prompts beside the base model's in OUT's stem + .generations.jsonl.
@@ -44,7 +37,9 @@ from tqdm import tqdm
 import mrpo
 from precompute import (InputError, atomic_write, autocast, check_flags, check_paths, check_same_format,
                         default_cache_dir, encode_pairs, fail, finish_distributed, gather, generation_prompt,
-                        init_distributed, load_cache, load_model, read_data, resolve_device, response_logps)
+                        init_distributed, load_cache, load_model, padded, read_data, resolve_device, response_logps)
+
+RANKING = ("pairwise_accuracy", "top1_accuracy", "kendall_tau_b")  # of a set (mrpo.set_ranking_metrics)
 
 # ----------------------------------------------------------------------------------------------------------------
 # Config
@@ -53,14 +48,12 @@ parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.R
 group = parser.add_argument_group("Data")
 group.add_argument("--data", required=True, help="held-out pairs or sets of scored completions: a .jsonl, .json "
                    "or .parquet file, a save_to_disk folder, or a dataset id ID[:CONFIG][@SPLIT] (read_data)")
-group.add_argument("--set-pairs", choices=["all", "best_worst"], default=None, help="sets as pairs, as precompute.py "
-                   "--set-pairs made the cache")
+group.add_argument("--set-pairs", choices=["all", "best_worst"], help="sets as pairs, as precompute.py --set-pairs did")
 group.add_argument("--refs", required=True, help="reference cache of --data written by precompute.py (.safetensors)")
 group = parser.add_argument_group("Model")
 group.add_argument("--model", default=None, help="base model spec; default: reference 1 of --refs")
 group.add_argument("--policies", "--adapters", dest="adapters", nargs="+", default=["base"],
-                   help="policies to evaluate: 'base' (no adapter), directories of LoRA adapters (train.py's "
-                   "--out-dir), and/or directories of models with an adapter merged into the weights (README)")
+                   help="'base' (no adapter), LoRA adapters (train.py's --out-dir), models with an adapter merged in")
 group.add_argument("--dtype", choices=["bf16", "fp32"], default="fp32", help="weights and autocast dtype")
 group.add_argument("--load-in-4bit", action="store_true", help="load the base model in 4 bit (bitsandbytes NF4)")
 group.add_argument("--cache-dir", default=default_cache_dir(), help="where precompute.py caches converted models")
@@ -88,59 +81,49 @@ try:
     cache = load_cache(args.refs, pairs, args.data)
 except InputError as e:
     fail(e)
-sets = kind == "sets"  # sets of scored completions: ranking metrics (mrpo.set_ranking_metrics)
-if sets:
-    ref_logps, scores, mask = cache["logps"], cache["scores"], cache["mask"]  # (K, N, W), (N, W), (N, W)
-else:
-    ref_chosen_logps, ref_rejected_logps = cache["chosen_logps"], cache["rejected_logps"]  # (K, N)
-K, N = cache["logps" if sets else "chosen_logps"].shape[:2]
-ref1 = cache["refs"][0]
+sets = kind == "sets"  # sets: ranking metrics (mrpo.set_ranking_metrics); pairs (W = 2): accuracy and margin
+ref_logps, scores, mask = cache["logps"], cache["scores"], cache["mask"]  # (K, N, W), (N, W), (N, W)
+(K, N, W), ref1 = ref_logps.shape, cache["refs"][0]
 try:
     alpha = mrpo.parse_alpha(args.alpha, K)  # the same parser as train.py's
 except ValueError as e:
     fail(f"{e} (K={K}: the references in {args.refs})")
-def is_merged(path):
-    """A directory of a whole model (a transformers config.json, no adapter_config.json): an adapter merged in."""
+lora_dirs, merged_dirs = [], []  # the policies' directories: LoRA adapters; whole models with an adapter merged in
+for path in [p for p in args.adapters if p != "base"]:
     config = os.path.join(path, "config.json")
-    return (not os.path.isfile(os.path.join(path, "adapter_config.json")) and os.path.isfile(config)
-            and "model_type" in json.load(open(config)))
-
-
-for path in args.adapters:
-    if path != "base" and not (os.path.isfile(os.path.join(path, "adapter_config.json")) or is_merged(path)):
+    if os.path.isfile(os.path.join(path, "adapter_config.json")):
+        lora_dirs.append(path)
+    elif os.path.isfile(config) and "model_type" in json.load(open(config)):  # a transformers config.json
+        merged_dirs.append(path)
+    else:
         fail(f"--policies {path}: neither adapter_config.json nor a model's config.json there; fix: give the "
              f"--out-dir of a finished train.py run, a merged model's directory, or 'base' for the model without "
              f"adapter")
 
 # ----------------------------------------------------------------------------------------------------------------
-# Model: the base model once, every adapter loaded into it by name
+# Model: the base model once, every adapter loaded into it by name, merged models beside it
 
 spec = args.model or ref1["name"]
-try:
-    model, tokenizer = load_model(spec, dtype=args.dtype, load_in_4bit=args.load_in_4bit, device=str(device),
-                                  cache_dir=args.cache_dir)
+load_options = dict(dtype=args.dtype, load_in_4bit=args.load_in_4bit, device=str(device), cache_dir=args.cache_dir)
+merged = {}  # merged model directory -> its model, beside the base model
+try:  # each model checked to format text as reference 1 did
+    model, tokenizer = load_model(spec, **load_options)
     check_same_format(spec, tokenizer, ref1, args.refs)
     encoded = encode_pairs(tokenizer, pairs, ref1["max_length"], ref1["max_prompt_length"], args.data)
+    for path in merged_dirs:
+        merged[path], merged_tokenizer = load_model(path, **load_options)
+        check_same_format(path, merged_tokenizer, ref1, args.refs)
 except InputError as e:
     fail(e)
-merged = {}  # merged model directory -> its model, loaded beside the base model
-for path in [p for p in args.adapters if p != "base" and is_merged(p)]:
-    try:
-        merged[path], merged_tokenizer = load_model(path, dtype=args.dtype, load_in_4bit=args.load_in_4bit,
-                                                    device=str(device), cache_dir=args.cache_dir)
-        check_same_format(path, merged_tokenizer, ref1, args.refs)
-    except InputError as e:
-        fail(e)
-    merged[path].eval()
 names = {}  # adapter directory -> peft adapter name
-for path in [p for p in args.adapters if p != "base" and p not in merged]:
-    train_config = os.path.join(path, "config.json")
-    trained_on = json.load(open(train_config)).get("model") if os.path.isfile(train_config) else None
+for path in lora_dirs:
+    config = os.path.join(path, "config.json")  # train.py's resolved config, beside the adapter
+    trained_on = json.load(open(config)).get("model") if os.path.isfile(config) else None
     if trained_on not in (None, spec):
         fail(f"{path} was trained on base model {trained_on}, not {spec}; fix: pass --model {trained_on}")
     from peft import PeftModel
     names[path] = f"policy{len(names)}"
-    try:
+    try:  # the first adapter makes the model a PeftModel, the others join it
         if len(names) == 1:
             model = PeftModel.from_pretrained(model, path, adapter_name=names[path])
         else:
@@ -148,8 +131,7 @@ for path in [p for p in args.adapters if p != "base" and p not in merged]:
     except Exception as e:  # peft and safetensors raise many kinds for a broken folder
         fail(f"--adapters {path}: not a loadable LoRA adapter ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
              f"fix: give the --out-dir of a finished train.py run")
-    weights = [w for n, w in model.named_parameters() if f".{names[path]}." in n]
-    if not all(bool(torch.isfinite(w).all()) for w in weights):
+    if not all(bool(torch.isfinite(w).all()) for n, w in model.named_parameters() if f".{names[path]}." in n):
         fail(f"--adapters {path}: its LoRA weights are not all finite, so every number of it would be made up; fix: "
              f"retrain it (train.py stops before saving non-finite weights)")
 model.eval()
@@ -157,99 +139,80 @@ model.eval()
 
 @contextlib.contextmanager
 def policy(path):
-    """The model that is policy `path`, without gradients: a merged model, the base model (adapters off), or base +
-    that adapter."""
+    """Policy `path` without gradients: a merged model, the base model (adapters off), or base + that adapter."""
     if path in names:
         model.set_adapter(names[path])
     with model.disable_adapter() if path == "base" and names else contextlib.nullcontext(), torch.no_grad():
         yield merged.get(path, model)
 
 
-@torch.no_grad()
 def policy_logps(path):
-    """log pi(y|x) of every response under policy `path`, in data order: (N, W) float32 (0 after a set's last
-    completion; W = 2 for pairs: chosen, rejected), scored one forward per row of the cache: the base model gives
-    the cached reference-1 log-probs bit for bit."""
-    width = ref_logps.shape[2] if sets else 2
-    out, mine = torch.zeros(N, width), []  # mine: the rows this rank scored
+    """log pi(y|x) of every response under policy `path`: (N, W) float32, 0 after a set's last completion. Scored in
+    the cache's rows, so the base model gives the cached reference-1 log-probs bit for bit."""
+    out, mine = torch.zeros(N, W), []  # mine: the rows this rank scored
     with policy(path) as pi:
         for row in tqdm(cache["rows"][rank::world], desc=path, leave=False, dynamic_ncols=True, disable=rank != 0):
             with autocast(device, args.dtype):
                 flat = response_logps(pi, [encoded[i] for i in row]).cpu()
-            for i, x in zip(row, flat.split([len(encoded[i]) for i in row])):
-                out[i, :len(x)] = x
+            out[row] = torch.stack([padded(x, W) for x in flat.split([len(encoded[i]) for i in row])])
             mine += row
     for idx, x in gather((mine, out[mine])):  # every rank's share, on every rank
         out[idx] = x
     return out
 
-
-def accuracy(chosen, rejected, beta=1.0):
-    """Share of pairs ranked right, ties half: the mean of mrpo.reward_accuracy (train.py's metric too) of (N,)
-    log-probs (beta = 1) or implicit rewards (with their beta)."""
-    return float(mrpo.reward_accuracy(chosen, rejected, beta).mean())
-
-
 # ----------------------------------------------------------------------------------------------------------------
-# Evaluate every policy
+# Evaluate every policy, write the JSON and print the table
 
-def ranking(values, beta=1.0):
-    """Sets: mrpo.set_ranking_metrics of (N, W) values, each a mean over the sets that have a preference."""
-    m = mrpo.set_ranking_metrics(values, scores, mask, beta)
-    has = m["has_preference"]
-    return {k: float(m[k][has].mean()) for k in ("pairwise_accuracy", "top1_accuracy", "kendall_tau_b")}
-
-
-def set_results(logps):
-    """Sets: the ranking metrics of a policy's (N, W) log-probs as implicit rewards against reference 1 and the
-    virtual reference (mrpo_set_loss's rewards), and of the log-probs themselves (own/)."""
-    virtual = mrpo.mrpo_set_loss(logps, ref_logps, scores, mask, args.beta, alpha=alpha, eps_max=args.eps_max,
-                                 eps=args.eps, clip=not args.no_clip)[1]
-    return {**{f"ref1/{k}": v for k, v in ranking(args.beta * (logps - ref_logps[0]), args.beta).items()},
-            **{f"virtual/{k}": v for k, v in ranking(virtual, args.beta).items()},
-            **{f"own/{k}": v for k, v in ranking(logps).items()}}
-
-
-results = {}
-for path in tqdm(args.adapters, desc="policies", dynamic_ncols=True, disable=rank != 0):
+def metrics(values, beta=1.0):
+    """(N, W) implicit rewards with their beta, or log-probs (beta = 1), measured: for pairs the accuracy (train.py's
+    mrpo.reward_accuracy) and mean margin; for sets mrpo.set_ranking_metrics, over the sets with a preference."""
     if sets:
-        results[path] = set_results(policy_logps(path))
-        continue
-    pc, pr = policy_logps(path).unbind(1)
-    ref1_chosen, ref1_rejected = args.beta * (pc - ref_chosen_logps[0]), args.beta * (pr - ref_rejected_logps[0])
-    _, virtual_chosen, virtual_rejected = mrpo.mrpo_loss(pc, pr, ref_chosen_logps, ref_rejected_logps, args.beta,
-                                                         alpha=alpha, eps_max=args.eps_max, eps=args.eps,
-                                                         clip=not args.no_clip)
-    results[path] = {
-        "ref1/accuracy": accuracy(ref1_chosen, ref1_rejected, args.beta),
-        "ref1/margin": float((ref1_chosen - ref1_rejected).mean()),
-        "virtual/accuracy": accuracy(virtual_chosen, virtual_rejected, args.beta),
-        "virtual/margin": float((virtual_chosen - virtual_rejected).mean()),
-        "own/accuracy": accuracy(pc, pr), "logps/chosen": float(pc.mean()), "logps/rejected": float(pr.mean())}
-references = [{"name": r["name"], **({"accuracy": accuracy(ref_chosen_logps[k], ref_rejected_logps[k]),
-                                      "logps/chosen": float(ref_chosen_logps[k].mean()),
-                                      "logps/rejected": float(ref_rejected_logps[k].mean())} if not sets else
-                                     {f"own/{name}": v for name, v in ranking(ref_logps[k]).items()})}
+        m = mrpo.set_ranking_metrics(values, scores, mask, beta)
+        return {k: float(m[k][m["has_preference"]].mean()) for k in RANKING}
+    chosen, rejected = values.unbind(1)  # (N,) each
+    return {"accuracy": float(mrpo.reward_accuracy(chosen, rejected, beta).mean()),
+            "margin": float((chosen - rejected).mean())}
+
+
+def evaluate(logps):
+    """The metrics of a policy's (N, W) log-probs as rewards against reference 1 and MRPO's virtual reference (of
+    mrpo_loss or mrpo_set_loss), and of the log-probs themselves (own/; pairs: accuracy, then mean log-probs)."""
+    options = dict(alpha=alpha, eps_max=args.eps_max, eps=args.eps, clip=not args.no_clip)
+    if sets:
+        virtual = mrpo.mrpo_set_loss(logps, ref_logps, scores, mask, args.beta, **options)[1]  # (N, W)
+    else:  # the cache's own (K, N) tensors: a strided view of logps can round differently in the sums over k
+        virtual = torch.stack(mrpo.mrpo_loss(*logps.unbind(1), cache["chosen_logps"], cache["rejected_logps"],
+                                             args.beta, **options)[1:], 1)  # (N, 2)
+    out = {f"{view}/{k}": v for view, values, beta in (("ref1", args.beta * (logps - ref_logps[0]), args.beta),
+                                                       ("virtual", virtual, args.beta), ("own", logps, 1.0))
+           for k, v in metrics(values, beta).items()}
+    if not sets:
+        del out["own/margin"]
+        out.update({"logps/chosen": float(logps[:, 0].mean()), "logps/rejected": float(logps[:, 1].mean())})
+    return out
+
+
+results = {path: evaluate(policy_logps(path))
+           for path in tqdm(args.adapters, desc="policies", dynamic_ncols=True, disable=rank != 0)}
+references = [{"name": r["name"], **({f"own/{name}": v for name, v in metrics(ref_logps[k]).items()} if sets else
+                                     {"accuracy": metrics(ref_logps[k])["accuracy"],  # the cache's own columns
+                                      "logps/chosen": float(cache["chosen_logps"][k].mean()),
+                                      "logps/rejected": float(cache["rejected_logps"][k].mean())})}
               for k, r in enumerate(cache["refs"])]
-if world > 1:  # under torchrun the other ranks are done (they scored their share); rank 0 generates and writes
-    finish_distributed()
-    if rank != 0:
-        sys.exit(0)
+finish_distributed()  # under torchrun the other ranks are done (they scored their share); rank 0 generates, writes
+if rank != 0:
+    sys.exit(0)
 
 if args.generate:
-    rows = []
-    for i in tqdm(range(min(args.generate, N)), desc="generate", dynamic_ncols=True):
-        prompt_ids = generation_prompt(tokenizer, pairs[i]["prompt"], ref1["max_length"], ref1["max_prompt_length"],
-                                       args.max_new_tokens)  # the prompt in the model's format, generation prompt on
-        row = dict(pairs[i])
+    rows = [dict(pairs[i]) for i in range(min(args.generate, N))]
+    for row in tqdm(rows, desc="generate", dynamic_ncols=True):
+        input_ids = torch.tensor([generation_prompt(tokenizer, row["prompt"], ref1["max_length"],  # the model's format
+                                                    ref1["max_prompt_length"], args.max_new_tokens)], device=device)
         for path in ["base"] + [p for p in args.adapters if p != "base"]:
             with policy(path) as pi, autocast(device, args.dtype):
-                out = pi.generate(input_ids=torch.tensor([prompt_ids], device=device),
-                                     attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long, device=device),
-                                     max_new_tokens=args.max_new_tokens, do_sample=False,
-                                     pad_token_id=tokenizer.eos_token_id)
-            row[path] = tokenizer.decode(out[0, len(prompt_ids):], skip_special_tokens=True)
-        rows.append(row)
+                out = pi.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False,
+                                  max_new_tokens=args.max_new_tokens, pad_token_id=tokenizer.eos_token_id)
+            row[path] = tokenizer.decode(out[0, input_ids.shape[1]:], skip_special_tokens=True)
     with atomic_write(generations_path, "w") as f:
         f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
 
@@ -260,18 +223,14 @@ report = {"data": args.data, "refs": args.refs, "pairs": N, "model": spec, "dtyp
 with atomic_write(args.out, "w") as f:
     f.write(json.dumps(report, indent=2) + "\n")
 
-# ----------------------------------------------------------------------------------------------------------------
-# The table
-
 width = max(len(p) for p in args.adapters + ["policy"])
 if sets:
     print(f"{'policy':<{width}}  pairwise/top-1/tau vs ref1  vs virtual reference  own log-probs")
     for path, r in results.items():
-        print(f"{path:<{width}}  " + "  ".join(" ".join(f"{r[f'{s}/{k}']:6.3f}" for k in (
-            "pairwise_accuracy", "top1_accuracy", "kendall_tau_b")) for s in ("ref1", "virtual", "own")))
-    print("references (own pairwise accuracy, top-1, tau): " + ", ".join(
-        f"{r['name']} {r['own/pairwise_accuracy']:.3f} {r['own/top1_accuracy']:.3f} {r['own/kendall_tau_b']:.3f}"
-        for r in references))
+        print(f"{path:<{width}}  " + "  ".join(" ".join(f"{r[f'{s}/{k}']:6.3f}" for k in RANKING)
+                                               for s in ("ref1", "virtual", "own")))
+    print("references (own pairwise accuracy, top-1, tau): "
+          + ", ".join(r["name"] + "".join(f" {r[f'own/{k}']:.3f}" for k in RANKING) for r in references))
 else:
     print(f"{'policy':<{width}}  acc(ref1)  margin(ref1)  acc(virtual)  margin(virtual)  acc(own log-prob)")
     for path, r in results.items():
