@@ -39,6 +39,7 @@ Shapes: N pairs, K references, B pairs in a batch, L tokens in a packed row, H h
 
 import argparse
 import contextlib
+import ctypes
 import functools
 import hashlib
 import importlib.util
@@ -1088,9 +1089,22 @@ def resolve_device(name):
     return torch.device(f"cuda:{os.environ['LOCAL_RANK']}" if name == "cuda" and "LOCAL_RANK" in os.environ else name)
 
 
+def keep_freed_memory():
+    """Let glibc keep freed memory for the next allocation instead of returning it to the OS. By default every block
+    of 32 MiB or more (a long row's activations in float32) is mapped fresh and page-faulted in on each allocation,
+    which made the fp32 CPU step over ten times slower (bench/README.md); the peak memory stays what the step needs."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError, ctypes.ArgumentError):  # not glibc: its allocator decides
+            libc = ctypes.CDLL("libc.so.6")
+            libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD: blocks under 1 GiB come from the heap
+            libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: keep up to 1 GiB of freed heap in the process
+
+
 def init_distributed():
     """(rank, world size): join the process group when torchrun started this process (NCCL between GPUs, Gloo on
-    CPU and for Python objects), else (0, 1). Every script calls it once at its start."""
+    CPU and for Python objects), else (0, 1). Every script calls it once at its start; it also calls
+    keep_freed_memory()."""
+    keep_freed_memory()
     if "RANK" not in os.environ:
         return 0, 1
     if torch.cuda.is_available():

@@ -6,8 +6,9 @@
 
 The step is train.py's: precompute.response_logps over the pairs of one batch (in rows of --row-pairs pairs, shared
 prompts, the output layer at scored positions only), mrpo.dpo_loss against reference log-probs, backward, gradient
-clipping and the AdamW step of the LoRA weights, under the autocast train.py uses. torch.profiler records a few steps
-after a warmup; each operator's own time (self time, so nothing is counted twice) goes to one category:
+clipping and the AdamW step of the LoRA weights, under the autocast train.py uses, after precompute.keep_freed_memory
+as every script starts (--default-malloc: without it). torch.profiler records a few steps after a warmup; each
+operator's own time (self time, so nothing is counted twice) goes to one category:
 
 - matmul: aten::mm, addmm, bmm, matmul and the 4-bit kernels (the dense work);
 - attention: scaled_dot_product_attention and the kernels it dispatches to (flash, math), flex attention;
@@ -79,13 +80,18 @@ def main():
     group.add_argument("--device", default="cpu", help="cpu or cuda")
     group.add_argument("--threads", type=int, default=2, help="torch threads (CPU)")
     group.add_argument("--steps", type=int, default=4, help="profiled steps, after 2 warmup steps")
+    group.add_argument("--default-malloc", action="store_true", help="leave glibc's allocator as it is (the scripts "
+                       "call precompute.keep_freed_memory at their start; this shows the step without it)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if not args.default_malloc:
+        precompute.keep_freed_memory()
     from peft import LoraConfig, get_peft_model
     cpu, amx = cpu_model()
     peak = bf16_peak() if args.device == "cpu" else None
     pairs = precompute.read_pairs(args.data)[:args.batch_size]
-    print(f"profile_step: {cpu} (AMX: {'yes' if amx else 'no'}), {args.threads} threads, {args.device}; "
+    print(f"profile_step: {cpu} (AMX: {'yes' if amx else 'no'}), {args.threads} threads, {args.device}, "
+          f"{'glibc default malloc' if args.default_malloc else 'keep_freed_memory'}; "
           + (f"measured bf16 matmul peak {peak / 1e12:.2f} TFLOP/s" if peak else ""), flush=True)
     for dtype in args.dtypes:
         model, tokenizer = precompute.load_model(args.model, dtype=dtype, device=args.device)
