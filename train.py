@@ -2,10 +2,9 @@ r"""Train a policy by DPO, MRPO, Multi-DPO or Mean-Ref with LoRA, optionally on 
 
 The policy starts as reference 1 of the cache precompute.py wrote and is trained through LoRA adapters (peft). The K
 references are not loaded: their log-probs come from the cache, so training holds one model whatever K is. A step
-takes --batch-size pairs as whole rows of the cache (the rows reference 1 was scored in, so the policy starts at
-reference 1 exactly: docs/exact-start.md), scores them with precompute.response_logps (the code that scored the
-references) and applies a loss of mrpo.py. Sets of scored completions, --alpha vdw|vaw|swcw|tsw and torchrun: the
-README ("Sets of scored responses", "Weighting the references", "Several GPUs").
+takes --batch-size pairs as whole rows of the cache, the rows reference 1 was scored in, so that the policy starts at
+reference 1 exactly (docs/exact-start.md); precompute.response_logps scores them and a loss of mrpo.py applies.
+Sets of scored completions, --alpha vdw|vaw|swcw|tsw and torchrun: README.md and docs/distributed.md.
 
 CPU demo (what `make demo` runs; the bundled data and the two embedded references):
 
@@ -21,14 +20,14 @@ One GPU, a 7B policy loaded in 4 bit (QLoRA), the references precomputed with --
         --eval-data test.jsonl --eval-refs runs/refs_test.safetensors --device cuda --dtype bf16 \
         --load-in-4bit --grad-checkpointing --batch-size 8 --grad-accum 4 --out-dir runs/mrpo-7b
 
-Resume an interrupted run: the same command plus --resume. It continues from the latest checkpoint in --out-dir
-(LoRA adapter, optimizer, RNG states, step, data order, weighting state); on CPU the metrics and the final adapter
-are identical to those of a run that was never interrupted.
+Resume an interrupted run: the same command plus --resume continues from the latest checkpoint in --out-dir (LoRA
+adapter, optimizer, RNG states, step, data order, weighting state); on CPU the metrics and the final adapter are
+identical to those of a run that was never interrupted.
 
-Writes into --out-dir: metrics.jsonl (a JSON record per logged step, DPO/TRL metric names, held-out records with
-TRL's eval_ prefix, and check/ref1_max_abs_diff: the policy's step-0 log-probs against the cached reference 1),
-config.json (the resolved configuration), checkpoint-NNNNNN/ (the latest checkpoint, written atomically), and the
-final adapter (adapter_config.json, adapter_model.safetensors), which loads with peft.PeftModel.from_pretrained.
+Writes into --out-dir: metrics.jsonl (a JSON record per logged step under DPO/TRL's metric names, eval_ for the
+held-out ones, and check/ref1_max_abs_diff: the policy's step-0 log-probs against the cached reference 1),
+config.json (the resolved configuration), checkpoint-NNNNNN/ (the latest checkpoint, written atomically) and the
+final adapter (adapter_config.json, adapter_model.safetensors: peft.PeftModel.from_pretrained loads it).
 
 Shapes: B pairs (or sets) of a batch, W responses each (a pair: chosen, rejected), K references, N pairs of the data.
 """
@@ -60,20 +59,19 @@ from precompute import (InputError, atomic_write, autocast, check_flags, check_p
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 arg = parser.add_argument_group("Data").add_argument
-arg("--data", required=True, help="training pairs or sets of scored completions: a .jsonl, .json or .parquet file, a "
-    "save_to_disk folder, or a dataset id ID[:CONFIG][@SPLIT] (precompute.read_data)")
-arg("--set-pairs", choices=["all", "best_worst"], help="train on sets as pairs, as precompute.py --set-pairs made the "
-    "caches: every (better, worse) pair, or best against worst")
+arg("--data", required=True, help="training pairs or sets of scored completions: .jsonl, .json, .parquet, a "
+    "save_to_disk folder or a dataset id ID[:CONFIG][@SPLIT]")
+arg("--set-pairs", choices=["all", "best_worst"], help="train on sets as pairs (as precompute.py --set-pairs made the "
+    "caches): every (better, worse) pair, or best against worst")
 arg("--refs", required=True, help="reference cache of --data written by precompute.py (.safetensors)")
 arg("--eval-data", help="held-out pairs (as --data); needed unless --eval-every 0")
-arg("--eval-refs", help="reference cache of --eval-data written by precompute.py")
-arg("--val-data", help="validation pairs (as --data) for --alpha vdw, vaw and tsw, apart from --data and --eval-data")
+arg("--eval-refs", help="reference cache of --eval-data")
+arg("--val-data", help="validation pairs for --alpha vdw, vaw and tsw, apart from --data and --eval-data")
 arg("--val-refs", help="reference cache of --val-data (for --alpha vdw and vaw)")
-arg("--use-refs", help="comma-separated 1-based indices of the references the loss uses, in that order (default: "
-    "all); the policy still starts as reference 1: --loss dpo --use-refs 3 is DPO against reference 3")
+arg("--use-refs", help="1-based indices of the references the loss uses, in order (default: all); the policy still "
+    "starts as reference 1: --loss dpo --use-refs 3 is DPO against reference 3")
 arg = parser.add_argument_group("Model").add_argument
-arg("--model", help="policy base model (alias, hub id, directory, .gguf; default: reference 1 of --refs), with "
-    "reference 1's tokenizer and chat template")
+arg("--model", help="policy base model (default: reference 1 of --refs), with reference 1's tokenizer and template")
 arg("--dtype", choices=["bf16", "fp32"], default="fp32", help="base model weights and autocast (LoRA, log-probs: fp32)")
 arg("--load-in-4bit", action="store_true", help="load the base model in 4 bit (bitsandbytes NF4): QLoRA")
 arg("--grad-checkpointing", action="store_true", help="recompute activations in backward (less memory)")
@@ -82,30 +80,23 @@ arg = parser.add_argument_group("LoRA").add_argument
 arg("--lora-r", type=int, default=16, help="LoRA rank")
 arg("--lora-alpha", type=float, default=32, help="LoRA scaling numerator (scale = alpha / r)")
 arg("--lora-dropout", type=float, default=0.0, help="dropout on the LoRA input")
-arg("--lora-targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
-    help="comma-separated module names that get adapters, or 'all-linear'")
+arg("--lora-targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", help="modules that get "
+    "adapters, or 'all-linear'")
 arg = parser.add_argument_group("Loss").add_argument
 arg("--loss", choices=sorted(mrpo.LOSSES) + ["mpo"], default="mrpo", help="dpo (the first of --use-refs, or the one "
-    "--alpha tsw picks), mrpo (Eq. 7), multi_dpo (Eq. 11), mean_ref; on sets: mpo (set-level, the first of "
-    "--use-refs) or mrpo (mrpo_set_loss)")
-arg("--set-weighting", choices=["none", "deviation", "signed"], default="none",
-    help="sets: the weights w_i of the responses in the set-level loss (mrpo.mpo_loss), with --gamma")
-arg("--gamma", type=float, default=1.0, help="sets: w_i = exp(gamma |r_i - mean r|) (deviation) or "
-    "exp(gamma (r_i - mean r)) (signed)")
+    "--alpha tsw picks), mrpo (Eq. 7), multi_dpo (Eq. 11), mean_ref; sets: mpo (first of --use-refs) or mrpo")
+arg("--set-weighting", choices=["none", "deviation", "signed"], default="none", help="sets: weights w_i of mpo_loss")
+arg("--gamma", type=float, default=1.0, help="sets: w_i = exp(gamma |r_i - mean r|), signed: exp(gamma (r_i - mean r))")
 arg("--beta", type=float, default=0.1, help="DPO/MRPO temperature beta")
-arg("--loss-type", choices=mrpo.LOSS_TYPES, default="sigmoid", help="the loss of a pair's implicit-reward margin "
-    "(mrpo.margin_loss): sigmoid (DPO, Eq. 5), ipo, hinge or robust (rDPO)")
-arg("--label-smoothing", type=float, default=0.0, help="rate of flipped labels in [0, 0.5): cDPO with --loss-type "
-    "sigmoid, rDPO with robust")
-arg("--alpha", default="arwc", help="reference weights: arwc (Eq. 10, per example), uniform, K comma-separated "
-    "numbers, vdw / vaw (fixed from --val-refs), swcw (from the last --window batches), tsw (--loss dpo against one "
-    "reference a Thompson sampler picks each step; --val-data)")
+arg("--loss-type", choices=mrpo.LOSS_TYPES, default="sigmoid", help="loss of a pair's reward margin: sigmoid (DPO, "
+    "Eq. 5), ipo, hinge or robust (rDPO)")
+arg("--label-smoothing", type=float, default=0.0, help="flipped-label rate in [0, 0.5): cDPO (sigmoid), rDPO (robust)")
+arg("--alpha", default="arwc", help="reference weights: arwc (Eq. 10), uniform, K comma-separated numbers, vdw / vaw "
+    "(from --val-refs), swcw (from the last --window batches), tsw (--loss dpo, a Thompson-sampled reference a step)")
 arg("--window", type=int, default=1, help="--alpha swcw: how many past batches set the weights")
 arg("--tsw-prior", default="5,5", help="--alpha tsw: the Beta(a, b) prior of every reference, 'a,b'")
-arg("--tsw-subset", type=int, default=16, help="--alpha tsw: validation pairs drawn each step to judge whether it "
-    "helped")
-arg("--logps", choices=["sum", "mean"], default="sum", help="sequence log-probs: summed over response tokens (the "
-    "paper) or their mean per token, each model's sum divided by its own token count")
+arg("--tsw-subset", type=int, default=16, help="--alpha tsw: validation pairs drawn each step to judge it")
+arg("--logps", choices=["sum", "mean"], default="sum", help="sum of the response's log-probs (the paper) or mean")
 arg("--eps-max", type=float, default=0.1, help="CTRO bound eps_max of the adaptive eps (Eq. 9)")
 arg("--eps", type=float, help="a fixed CTRO eps instead of the adaptive one")
 arg("--no-clip", action="store_true", help="turn CTRO clipping (Eq. 8) off")
@@ -114,9 +105,8 @@ arg("--lr", type=float, default=1e-5, help="peak learning rate (paper: 1e-5; the
 arg("--min-lr", type=float, default=0.0, help="learning rate at the end of the cosine decay")
 arg("--warmup-steps", type=int, default=10, help="optimizer steps of linear warmup")
 arg("--weight-decay", type=float, default=0.0, help="AdamW weight decay on the LoRA weights")
-arg("--batch-size", type=int, default=8, help="pairs per optimizer step, as whole rows of the cache: a multiple of "
-    "its pairs per row (precompute.py --row-pairs)")
-arg("--grad-accum", type=int, default=1, help="micro-batches per step, each of whole rows (divides a batch's rows)")
+arg("--batch-size", type=int, default=8, help="pairs per step, whole rows of the cache (precompute.py --row-pairs)")
+arg("--grad-accum", type=int, default=1, help="micro-batches per step, each of whole rows")
 arg("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this (0: off)")
 arg("--epochs", type=float, default=3, help="passes over the data (ignored with --max-steps)")
 arg("--max-steps", type=int, help="optimizer steps of the whole run (sets the schedule)")
@@ -129,11 +119,9 @@ arg("--eval-every", type=int, default=20, help="evaluate on the held-out set eve
 arg("--no-eval-at-start", action="store_true", help="skip the evaluation before step 1 (of reference 1 itself)")
 arg("--log-every", type=int, default=1, help="write a metrics record every N steps")
 arg("--save-every", type=int, default=50, help="checkpoint every N steps (and at the end)")
-arg("--stop-after", type=int, help="end the process after this step, as if it were killed, without changing the "
-    "schedule (to split a run in pieces; continue with --resume)")
-arg("--report-to", choices=["none", "tensorboard", "wandb"], default="none", help="also log the metrics to "
-    "TensorBoard (--out-dir/tensorboard/) or Weights & Biases (installed by you; WANDB_PROJECT, default mrpo), "
-    "under TRL's names train/<metric> and eval/<metric>")
+arg("--stop-after", type=int, help="end the process after this step as if killed, the schedule unchanged (--resume)")
+arg("--report-to", choices=["none", "tensorboard", "wandb"], default="none", help="also log to TensorBoard "
+    "(--out-dir/tensorboard/) or W&B (WANDB_PROJECT, default mrpo) as train/<metric> and eval/<metric>")
 arg("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1 ...")
 args = parser.parse_args()
 check_flags(args, lora_r="int>=1", lora_alpha=">0", lora_dropout="[0,1)", beta=">0", window="int>=1",
@@ -146,13 +134,11 @@ check_paths([args.data, args.refs, args.eval_data, args.eval_refs, args.val_data
 rank, world = init_distributed()  # under torchrun: this process's rank of `world`; (0, 1) without it
 device = resolve_device(args.device)  # under torchrun on GPUs: cuda:LOCAL_RANK
 
-
 def refuse(checks):
     """fail() with the message of the first (wrong, message) that holds: flags that contradict each other."""
     for wrong, message in checks:
         if wrong:
             fail(message)
-
 
 refuse([(args.no_clip and args.eps is not None, f"--eps {args.eps} sets the CTRO trust region, which --no-clip turns "
          f"off; fix: drop one of --eps and --no-clip"),
@@ -228,32 +214,27 @@ if args.batch_size % row_pairs or (args.batch_size // row_pairs) % args.grad_acc
          f"--grad-accum {args.grad_accum} must divide those rows; fix: --batch-size a multiple of "
          f"{row_pairs * args.grad_accum}, or rebuild the cache with another precompute.py --row-pairs")
 
-
 def ref_logps(c, refs=use):
     """A cache's log-probs of references `refs` (0-based): (len(refs), N, W), per token if --logps mean."""
     return c["logps"][refs] / c["tokens"][refs].clamp(min=1) if args.logps == "mean" else c["logps"][refs]
-
 
 def chosen_rejected(x):
     """Pairs' (K', N, 2) -> (chosen, rejected), (K', N) each, contiguous (as the losses and weightings take them)."""
     return tuple(t.contiguous() for t in x.unbind(-1))
 
-
 swcw_refs = chosen_rejected(ref_logps(cache)) if args.alpha == "swcw" else None  # (K, N) each: SWCW's update
 eval_ref1 = ref_logps(eval_cache, [0]) if eval_cache else None  # the yardstick of every run: the policy's start
-alpha, weighting = None, None  # weighting: the SlidingWindowWeights or ThompsonSamplingWeights of --alpha swcw / tsw
+alpha, weighting = None, mrpo.SlidingWindowWeights(K, args.window) if args.alpha == "swcw" else None  # or TSW's
 if args.alpha in ("vdw", "vaw"):
     alpha = (mrpo.vdw_weights if args.alpha == "vdw" else mrpo.vaw_weights)(*chosen_rejected(ref_logps(val_cache)))
     print(f"train.py: --alpha {args.alpha} from {len(val_pairs)} pairs of {args.val_data}: "
           + ", ".join(f"{n} {a:.3f}" for n, a in zip(names, alpha.tolist())), file=sys.stderr)
-elif args.alpha == "swcw":
-    weighting = mrpo.SlidingWindowWeights(K, args.window)
 elif args.alpha == "tsw":
     try:
         weighting = mrpo.ThompsonSamplingWeights(K, tuple(map(float, args.tsw_prior.split(","))), seed=args.seed)
     except ValueError as e:
         fail(f"--tsw-prior {args.tsw_prior!r}: expected 'a,b' with a, b > 0 ({e})")
-else:
+elif args.alpha != "swcw":
     try:
         alpha = mrpo.parse_alpha(args.alpha, K)  # the same parser as eval.py's
     except ValueError as e:
@@ -265,34 +246,30 @@ try:
     tokenizer = load_tokenizer(spec, args.cache_dir)
     check_same_format(spec, tokenizer, ref1, args.refs)
     encoded, eval_encoded, val_encoded = (encode_pairs(tokenizer, p, ref1["max_length"], ref1["max_prompt_length"],
-                                                       path) for p, path in ((pairs, args.data),
-                                                                             (eval_pairs, args.eval_data),
-                                                                             (val_pairs, args.val_data)))
+                                                       path) for p, path in ((pairs, args.data), (eval_pairs,
+                                                       args.eval_data), (val_pairs, args.val_data)))
 except InputError as e:
     fail(e)
 rows_per_step = args.batch_size // row_pairs
 steps_per_epoch = math.ceil(len(data_rows) / rows_per_step)
 total_steps = args.max_steps or math.ceil(args.epochs * steps_per_epoch)
 
-
 def epoch_order(epoch):
     """The data order of one epoch: a permutation of the row indices, seeded by (seed, epoch)."""
     return torch.randperm(len(data_rows), generator=torch.Generator().manual_seed(args.seed * 100_003 + epoch)).tolist()
-
 
 def batch_rows(step):
     """The rows (lists of pair indices) of optimizer step `step` (0-based); an epoch's last batch may be smaller."""
     epoch, i = divmod(step, steps_per_epoch)
     return [data_rows[j] for j in epoch_order(epoch)[i * rows_per_step:(i + 1) * rows_per_step]]
 
-
 def pairs_of(rows):
-    return [i for row in rows for i in row]  # the pair indices of rows, in order
-
+    """The pair indices of rows, in order."""
+    return [i for row in rows for i in row]
 
 def mine(items):
-    return items[rank::world]  # this process's share of rows or pairs: under torchrun rank, rank + world, ...
-
+    """This process's share of rows or pairs: under torchrun items rank, rank + world, ...; all without it."""
+    return items[rank::world]
 
 # ----------------------------------------------------------------------------------------------------------------
 # Model: base (optionally 4-bit) + LoRA adapters; the optimizer over the LoRA weights only
@@ -334,8 +311,7 @@ RUN_FLAGS = {"resume", "overwrite", "stop_after", "eval_every", "log_every", "sa
 metrics_path = os.path.join(args.out_dir, "metrics.jsonl")
 
 # ----------------------------------------------------------------------------------------------------------------
-# Helpers: schedule, forward and loss, evaluation, the step-0 check, weightings, gradients across processes, files
-
+# Helpers: schedule, loss, evaluation, the step-0 check, weightings, gradients across processes, files
 
 def get_lr(step):
     """Linear warmup to --lr over --warmup-steps, then cosine decay to --min-lr at the last step (total_steps - 1)."""
@@ -344,26 +320,22 @@ def get_lr(step):
     progress = (step - args.warmup_steps) / max(1, total_steps - 1 - args.warmup_steps)
     return args.min_lr + 0.5 * (1 + math.cos(math.pi * min(1.0, progress))) * (args.lr - args.min_lr)
 
-
 def loss_terms(rows, encs, c, refs, loss=args.loss, weights=None):
     """Forward the pairs (or sets) of `rows`, one forward per row, and apply the loss against the references `refs`
-    (positions among --use-refs) of cache c (None: zeros, for val_accuracy) with weights alpha (default: the run's):
-    (losses (B,), metric sums, tokens, (policy log-probs (B, W) as the loss saw them, their sums), pair indices)."""
-    idx = pairs_of(rows)
-    width = c["logps"].shape[2] if c is not None else 2
+    (positions among --use-refs) of cache c (None: zeros) with weights alpha (default: the run's). Returns (losses
+    (B,), metric sums, tokens, (policy log-probs (B, W) as the loss saw them, their sums), pair indices)."""
+    idx, width = pairs_of(rows), c["logps"].shape[2] if c is not None else 2
     with autocast(device, args.dtype):
         flat = torch.cat([response_logps(model, [encs[i] for i in row]) for row in rows])  # (responses,)
-    sums = torch.stack([padded(x, width) for x in flat.split([len(encs[i]) for i in idx])])  # (B, W)
-    policy = sums  # (B, W) as the loss sees them: --logps mean divides by the policy's own response token counts
-    if args.logps == "mean":
+    sums = policy = torch.stack([padded(x, width) for x in flat.split([len(encs[i]) for i in idx])])  # (B, W)
+    if args.logps == "mean":  # each sum over the policy's own response token count
         count = torch.tensor([[len(e.ids) - e.start for e in encs[i]] + [1] * (width - len(encs[i])) for i in idx])
         policy = sums / count.to(device).clamp(min=1)
     ref = ref_logps(c, [use[k] for k in refs])[:, idx].to(device) if c is not None else \
         torch.zeros(1, len(idx), width, device=device)  # (K', B, W)
-    weights = alpha if weights is None else weights
-    losses, metrics = (set_terms if sets else pair_terms)(policy, sums, ref, c, idx, loss, weights)
+    losses, metrics = (set_terms if sets else pair_terms)(policy, sums, ref, c, idx, loss,
+                                                          alpha if weights is None else weights)
     return losses, metrics, sum(len(e.ids) for i in idx for e in encs[i]), (policy.detach(), sums.detach()), idx
-
 
 def pair_terms(policy, sums, ref, c, idx, loss, weights):
     """loss_terms on pairs: mrpo.compute_loss and DPO/TRL's metrics summed over the B pairs (and policy/accuracies:
@@ -378,10 +350,9 @@ def pair_terms(policy, sums, ref, c, idx, loss, weights):
                     "rewards/margins": (chosen - rejected).sum(), "logps/chosen": pc.sum(),
                     "logps/rejected": pr.sum(), "policy/accuracies": mrpo.reward_accuracy(pc, pr).sum()}
 
-
 def set_terms(policy, sums, ref, c, idx, loss, weights):
     """loss_terms on sets: the set-level loss (mpo_loss against the first reference, mrpo_set_loss against all) and
-    ranking metrics summed over the sets that have a preference (the record divides them by their number)."""
+    ranking metrics summed over the sets that have a preference (means() divides them by their number)."""
     scores, mask = c["scores"][idx].to(device), c["mask"][idx].to(device)  # (B, W) each
     if loss == "mpo":
         losses, rewards, has = mrpo.mpo_loss(policy, ref[0], scores, mask, args.beta, args.set_weighting, args.gamma)
@@ -402,20 +373,16 @@ def set_terms(policy, sums, ref, c, idx, loss, weights):
                     "policy/accuracies": over(own, "pairwise_accuracy"),
                     "ref1/set_accuracies": over(ref1, "pairwise_accuracy")}
 
-
 def add(totals, sums):
     for k, v in sums.items():
         totals[k] = totals.get(k, 0.0) + float(v)
     return totals
 
-
 def means(parts, n):
-    """Metric sums of every rank (gather's list of dicts) -> means over the n pairs (or sets) of a step or of the
-    held-out set; on sets the ranking metrics over the sets that have a preference."""
+    """Metric sums of every rank (gather's list) -> means over n pairs (ranking metrics: over the sets with one)."""
     totals = {k: sum(part.get(k, 0.0) for part in parts) for k in parts[0]}
     m = totals.get("sets/with_preference")
     return {k: v / (m if m and k.startswith(("rewards/", "policy/", "ref1/")) else n) for k, v in totals.items()}
-
 
 def step_weights(evaluating=False):
     """(loss, alpha, refs) of the coming step, refs the references the loss sees (positions among --use-refs). TSW
@@ -424,17 +391,14 @@ def step_weights(evaluating=False):
         return "dpo", None, [int(weighting.posterior_mean().argmax()) if evaluating else weighting.choose()[0]]
     return args.loss, weighting.alpha() if args.alpha == "swcw" else alpha, list(range(K))
 
-
 @torch.no_grad()
 def val_accuracy(idx):
-    """Preference accuracy of the policy's own log-probs (ties half) on validation pairs idx, in eval mode, over all
-    ranks' shares: TSW's reward signal (no reference involved, so any rows do)."""
+    """TSW's reward signal: the preference accuracy of the policy's own log-probs (ties half) on validation pairs idx,
+    in eval mode, over all ranks' shares (no reference involved, so any rows do)."""
     model.eval()
-    correct = float(loss_terms(chunks(mine(idx), row_pairs), val_encoded, None, [0], "dpo")[1]["policy/accuracies"]) \
-        if mine(idx) else 0.0
+    sums = loss_terms(chunks(mine(idx), row_pairs), val_encoded, None, [0], "dpo")[1] if mine(idx) else {}
     model.train()
-    return sum(gather(correct)) / len(idx)
-
+    return sum(gather(float(sums.get("policy/accuracies", 0.0)))) / len(idx)
 
 @torch.no_grad()
 def evaluate():
@@ -453,16 +417,15 @@ def evaluate():
     model.train()  # under torchrun each rank scored every world-th row; rank 0 always has one
     return {f"eval_{k}": v for k, v in means(gather(totals), len(eval_pairs)).items()}
 
-
 def check_start(scored):
     """At step 0 the policy IS reference 1: its summed log-probs of the step's pairs ([(pair indices, (B, W) sums)]
-    of this rank's micro-batches) must equal the cache's bit for bit when it was made in the same dtype and
-    quantization (same rows, same code). Logs the largest |difference| over all ranks; warns unless 0."""
-    diff = max([0.0] + [float((x.cpu() - cache["logps"][0, idx]).abs().max()) for idx, x in scored])
-    parts = gather((diff, sum(len(encoded[i]) for idx, _ in scored for i in idx)))
+    of this rank's micro-batches) equal the cache's bit for bit when it was made in the same dtype and quantization
+    (same rows, same code). Logs the largest |difference| over all ranks; warns unless 0."""
+    parts = gather((max([0.0] + [float((x.cpu() - cache["logps"][0, idx]).abs().max()) for idx, x in scored]),
+                    sum(len(encoded[i]) for idx, _ in scored for i in idx)))
     diff, n = max(d for d, _ in parts), sum(m for _, m in parts)
-    same = (ref1["dtype"], ref1["quantization"]) == (args.dtype, quant)
     log({"step": 0, "check/ref1_max_abs_diff": diff, "check/sequences": n})
+    same = (ref1["dtype"], ref1["quantization"]) == (args.dtype, quant)
     message = f"step-0 check: policy vs cached reference-1 log-probs, max |diff| = {diff:.2e} nats over {n} sequences"
     if diff > (0.0 if same else 0.5):
         cause = (f"The cache was computed in {ref1['dtype']}/{ref1['quantization']}, the policy runs in "
@@ -473,7 +436,6 @@ def check_start(scored):
     if rank == 0:
         print(message, file=sys.stderr)
 
-
 def tsw_before(step):
     """--alpha tsw, before a step: (a validation subset drawn afresh, seeded by (seed, step) so that a resumed run
     draws the same, the policy's accuracy on it); None for the other weightings."""
@@ -482,7 +444,6 @@ def tsw_before(step):
     g = torch.Generator().manual_seed(args.seed * 100_003 + step)
     subset = torch.randperm(len(val_pairs), generator=g)[:args.tsw_subset].tolist()
     return subset, val_accuracy(subset)
-
 
 def update_weighting(batch, weights, refs, before):
     """After the optimizer step: SWCW's window takes the step's batch (so a batch never weighs itself), TSW rewards
@@ -499,17 +460,14 @@ def update_weighting(batch, weights, refs, before):
             "tsw/val_accuracy_before": accuracy_before, "tsw/val_accuracy_after": accuracy_after,
             "tsw/posterior_mean": weighting.posterior_mean().tolist()}
 
-
 def sum_gradients():
-    """Under torchrun: the step's gradient is the SUM over ranks of theirs (each divided by the whole batch), in one
-    all_reduce of the flattened LoRA gradients, as DistributedDataParallel does with one bucket. Not DDP itself: its
-    hooks run through its own forward, and response_logps calls the decoder inside the peft model directly. A rank
-    without pairs this step (an epoch's short last batch) sends zeros."""
+    """Under torchrun: the step's gradient is the SUM over ranks of theirs (each divided by the whole batch), one
+    all_reduce of the flattened LoRA gradients, as DDP does with one bucket (DDP itself hooks its own forward, which
+    response_logps does not call). A rank without pairs this step (an epoch's short last batch) sends zeros."""
     flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params])
     dist.all_reduce(flat, op=dist.ReduceOp.SUM)
     for p, g in zip(params, flat.split([p.numel() for p in params])):
         p.grad = g.view_as(p)
-
 
 def stop(what, step):
     """A non-finite loss or gradient: stop before anything is saved from it; the latest checkpoint stays intact."""
@@ -518,11 +476,9 @@ def stop(what, step):
           f"those rows and the cache; resume with --resume", file=sys.stderr)
     sys.exit(1)
 
-
 def write_json(path, obj):
     with atomic_write(path, "w") as f:
         json.dump(obj, f, indent=2, default=str)
-
 
 def save_adapter(directory):
     """The LoRA adapter in peft's format (adapter_config.json, adapter_model.safetensors), each file atomically."""
@@ -532,12 +488,11 @@ def save_adapter(directory):
         os.replace(os.path.join(tmp, name), os.path.join(directory, name))
     shutil.rmtree(tmp)
 
-
 def save_checkpoint(step):
-    """checkpoint-NNNNNN/ (adapter, trainer state, config) written in a temp directory and renamed into place, then
-    the 'latest' pointer; older checkpoints are removed. Returns its path."""
+    """checkpoint-NNNNNN/ (adapter, trainer state, config) made in a temp directory and renamed into place, then the
+    'latest' pointer; older checkpoints are removed. Returns its path."""
     name = f"checkpoint-{step:06d}"
-    tmp = tempfile.mkdtemp(dir=args.out_dir, prefix=f".tmp-{name}-")
+    tmp, final = tempfile.mkdtemp(dir=args.out_dir, prefix=f".tmp-{name}-"), os.path.join(args.out_dir, name)
     save_adapter(tmp)
     rng = {"python": random.getstate(), "torch": torch.get_rng_state(),
            **({"cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {})}
@@ -546,7 +501,6 @@ def save_checkpoint(step):
                 "data_order": epoch_order(step // steps_per_epoch),
                 "weighting": weighting.state_dict() if weighting else None}, os.path.join(tmp, "trainer_state.pt"))
     write_json(os.path.join(tmp, "config.json"), config)
-    final = os.path.join(args.out_dir, name)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     with atomic_write(os.path.join(args.out_dir, "latest"), "w") as f:
@@ -555,7 +509,6 @@ def save_checkpoint(step):
         if old.startswith("checkpoint-") and old != name:
             shutil.rmtree(os.path.join(args.out_dir, old), ignore_errors=True)
     return final
-
 
 def latest_checkpoint():
     """The latest checkpoint of --out-dir, refused unless it was written with the same flags (but RUN_FLAGS)."""
@@ -574,7 +527,6 @@ def latest_checkpoint():
             f"--{k.replace('_', '-')} {config[k]!r} (was {saved.get(k)!r})" for k in changed)
             + "; fix: resume with the original flags, or start a new --out-dir")
     return ckpt_dir
-
 
 def resume():
     """--resume: restore the latest checkpoint (adapter, optimizer, weighting, RNG states), cut metrics.jsonl back to
@@ -601,7 +553,6 @@ def resume():
         print(f"resumed from {ckpt_dir} at step {state['step']}", file=sys.stderr)
     return state["step"]
 
-
 def truncate_metrics(step):
     """On resume: drop the metrics records past the checkpoint's step (the interrupted run may have logged steps it
     did not save) and a last line torn by the kill; any other line that is not JSON is damage, an error."""
@@ -619,10 +570,9 @@ def truncate_metrics(step):
         with atomic_write(metrics_path, "w") as f:
             f.writelines(kept)
 
-
 def open_reporter(kind, step):
-    """--report-to: a function that sends a metrics record to TensorBoard or W&B (None for none), under TRL's names:
-    train/<name>, and eval/<name> for what metrics.jsonl calls eval_<name>. A resumed run continues the same curves."""
+    """--report-to: a function that sends a metrics record to TensorBoard or W&B (None for none) under TRL's names,
+    train/<name> and eval/<name> (metrics.jsonl's eval_<name>). A resumed run continues the same curves."""
     scalars = lambda record: {(f"eval/{k[5:]}" if k.startswith("eval_") else f"train/{k}"): v  # noqa: E731
                               for k, v in record.items() if k != "step" and type(v) in (int, float)}
     if kind == "tensorboard":
@@ -641,14 +591,12 @@ def open_reporter(kind, step):
         return lambda record: run.log(scalars(record), step=record["step"])
     return None
 
-
 def log(record):
     if rank == 0:
         metrics_file.write(json.dumps(record) + "\n")
         metrics_file.flush()
         if reporter:
             reporter(record)
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # Training loop (counted in optimizer steps)
