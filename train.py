@@ -362,7 +362,7 @@ def set_terms(policy, sums, ref, c, idx, loss, weights):
                                                   weighting=args.set_weighting, gamma=args.gamma)
     ranked = mrpo.set_ranking_metrics(rewards, scores, mask, args.beta)
     own = mrpo.set_ranking_metrics(policy.detach(), scores, mask)
-    ref1 = mrpo.set_ranking_metrics(sums.detach() - c["logps"][0, idx].to(device), scores, mask)
+    to_ref1 = mrpo.set_ranking_metrics(sums.detach() - c["logps"][0, idx].to(device), scores, mask)
     over = lambda m, key: (m[key] * has).sum()  # noqa: E731  a metric summed over the sets with a preference
     better = mask[:, :, None] & mask[:, None, :] & (scores[:, :, None] > scores[:, None, :])  # (B, W, W): i over j
     margins = ((rewards[:, :, None] - rewards[:, None, :]) * better).sum((1, 2)) / better.sum((1, 2)).clamp(min=1)
@@ -371,7 +371,7 @@ def set_terms(policy, sums, ref, c, idx, loss, weights):
                     "rewards/top1_accuracies": over(ranked, "top1_accuracy"),
                     "rewards/kendall_tau": over(ranked, "kendall_tau_b"), "rewards/margins": (margins * has).sum(),
                     "policy/accuracies": over(own, "pairwise_accuracy"),
-                    "ref1/set_accuracies": over(ref1, "pairwise_accuracy")}
+                    "ref1/set_accuracies": over(to_ref1, "pairwise_accuracy")}
 
 def add(totals, sums):
     for k, v in sums.items():
@@ -418,9 +418,9 @@ def evaluate():
     return {f"eval_{k}": v for k, v in means(gather(totals), len(eval_pairs)).items()}
 
 def check_start(scored):
-    """At step 0 the policy IS reference 1: its summed log-probs of the step's pairs ([(pair indices, (B, W) sums)]
-    of this rank's micro-batches) equal the cache's bit for bit when it was made in the same dtype and quantization
-    (same rows, same code). Logs the largest |difference| over all ranks; warns unless 0."""
+    """At step 0 the policy IS reference 1: its log-prob sums of this rank's micro-batches ([(pair indices, (B, W))])
+    equal the cache's bit for bit if it was made in the same dtype and quantization. Logs the largest |diff| over all
+    ranks; warns unless 0."""
     parts = gather((max([0.0] + [float((x.cpu() - cache["logps"][0, idx]).abs().max()) for idx, x in scored]),
                     sum(len(encoded[i]) for idx, _ in scored for i in idx)))
     diff, n = max(d for d, _ in parts), sum(m for _, m in parts)
@@ -461,9 +461,9 @@ def update_weighting(batch, weights, refs, before):
             "tsw/posterior_mean": weighting.posterior_mean().tolist()}
 
 def sum_gradients():
-    """Under torchrun: the step's gradient is the SUM over ranks of theirs (each divided by the whole batch), one
-    all_reduce of the flattened LoRA gradients, as DDP does with one bucket (DDP itself hooks its own forward, which
-    response_logps does not call). A rank without pairs this step (an epoch's short last batch) sends zeros."""
+    """Under torchrun: the step's gradient is the SUM of the ranks' (each divided by the whole batch), one all_reduce
+    of the flat LoRA gradients, as DDP with one bucket (DDP's hooks need its own forward, which response_logps does
+    not call). A rank without pairs this step (an epoch's short last batch) sends zeros."""
     flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params])
     dist.all_reduce(flat, op=dist.ReduceOp.SUM)
     for p, g in zip(params, flat.split([p.numel() for p in params])):
@@ -529,8 +529,7 @@ def latest_checkpoint():
     return ckpt_dir
 
 def resume():
-    """--resume: restore the latest checkpoint (adapter, optimizer, weighting, RNG states), cut metrics.jsonl back to
-    its step and return that step."""
+    """Restore the latest checkpoint (adapter, optimizer, weighting, RNG states), cut metrics.jsonl back to it."""
     ckpt_dir = latest_checkpoint()
     from safetensors.torch import load_file
     set_peft_model_state_dict(model, load_file(os.path.join(ckpt_dir, "adapter_model.safetensors")))
