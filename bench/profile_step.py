@@ -107,14 +107,13 @@ def main():
             ref = torch.cat([precompute.response_logps(model, [encoded[i] for i in r]) for r in rows])  # (2B,)
 
         def step():
-            losses = []
             for r in rows:
                 with precompute.autocast(args.device, dtype):
                     sums = precompute.response_logps(model, [encoded[i] for i in r])  # (2 * pairs of the row,)
-                idx = torch.tensor([2 * i for i in r])
+                idx = torch.tensor([2 * i for i in r])  # the row's chosen in ref; rejected at idx + 1
+                # a reference 1 nat below the policy on y_w, so that the loss is not at its ln 2 start
                 loss, _, _ = mrpo.dpo_loss(sums[0::2], sums[1::2], ref[idx] - 1, ref[idx + 1], 0.1)
                 (loss.sum() / len(encoded)).backward()
-                losses.append(loss.detach())
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -133,13 +132,13 @@ def main():
                 times.append(time.perf_counter() - t0)
         total = sum(times)
         shares = dict.fromkeys(CATEGORIES, 0.0)
-        for event in prof.key_averages():
-            device_time = getattr(event, "self_device_time_total", 0) if args.device != "cpu" else 0
-            seconds = (device_time if args.device != "cpu" else event.self_cpu_time_total) / 1e6
-            if event.key.startswith("aten::") or args.device != "cpu":
-                shares[category(event.key)] += seconds
+        for event in prof.key_averages():  # on CUDA the kernels' device time, on the CPU the aten operators'
+            if args.device != "cpu":
+                shares[category(event.key)] += event.self_device_time_total / 1e6
+            elif event.key.startswith("aten::"):
+                shares[category(event.key)] += event.self_cpu_time_total / 1e6
         shares["overhead"] = max(0.0, total - sum(shares.values()))
-        flops, computed, sequences = step_flops(model.get_base_model(), encoded)
+        flops = step_flops(model.get_base_model(), encoded)[0]
         seconds = statistics.median(times)
         line = " | ".join(f"{name} {shares[name] / total:.0%}" for name in CATEGORIES)
         print(f"{dtype}: {seconds:.3f} s/step (median of {args.steps}), {flops / 1e9:.0f} GFLOP/step"
