@@ -1090,9 +1090,9 @@ def resolve_device(name):
 
 
 def keep_freed_memory():
-    """Let glibc keep freed memory for the next allocation instead of returning it to the OS. By default every block
-    of 32 MiB or more (a long row's activations in float32) is mapped fresh and page-faulted in on each allocation,
-    which made the fp32 CPU step over ten times slower (bench/README.md); the peak memory stays what the step needs."""
+    """Let glibc keep freed memory for the next allocation instead of returning it to the OS, which by default unmaps
+    every freed block of 32 MiB or more (a long row's activations) and page-faults it in afresh when it is next needed
+    (bench/README.md measures what keeping it saves); the peak memory stays what the step needs."""
     if sys.platform.startswith("linux"):
         with contextlib.suppress(OSError, AttributeError, ctypes.ArgumentError):  # not glibc: its allocator decides
             libc = ctypes.CDLL("libc.so.6")

@@ -9,7 +9,10 @@ model's own format, pairs sorted by length, --batch-size pairs per precompute.pa
 pairs of a call packed into one row, attention pair by pair, no padding, float32 log-probs);
 --batch-size 1 is how reference 1 is scored in rows of one pair, precompute.py's default. It prints one line per
 (model, dtype): model load time, tokens/s counting the tokens of both sequences of each pair (prompt + response, the
-prompt twice), and the share of those tokens that sharing the prompt saves.
+prompt twice), the share of those tokens that sharing the prompt saves, and the FLOPs of its forwards (counted as
+bench_trl.py counts a forward) as a fraction of this machine's bf16 matmul peak, measured in the same run; first the
+CPU model and whether it has AMX. It starts as precompute.py does, with precompute.keep_freed_memory()
+(--default-malloc: without it, to see what that saves).
 """
 
 import argparse
@@ -21,8 +24,10 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "bench"))
 
 import precompute  # noqa: E402
+from bench_trl import bf16_peak, cpu_model, step_flops  # noqa: E402
 
 
 def main():
@@ -42,16 +47,24 @@ def main():
     group = parser.add_argument_group("Scoring")
     group.add_argument("--batch-size", type=int, default=8, help="pairs per pair_logps call")
     group.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    group.add_argument("--default-malloc", action="store_true", help="leave glibc's allocator as it is (precompute.py "
+                       "calls precompute.keep_freed_memory at its start; this shows scoring without it)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if not args.default_malloc:
+        precompute.keep_freed_memory()
 
     from tqdm import tqdm
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()
     pairs = precompute.read_pairs(args.data)[:args.rows]
+    cpu, amx = cpu_model()
+    peak = bf16_peak() if args.device == "cpu" else None
     print(f"{len(pairs)} pairs from {args.data}, batch size {args.batch_size}, {torch.get_num_threads()} threads, "
-          f"device {args.device}")
+          f"device {args.device}; {cpu} (AMX: {'yes' if amx else 'no'}), "
+          f"{'glibc default malloc' if args.default_malloc else 'keep_freed_memory'}"
+          + (f", measured bf16 matmul peak {peak / 1e12:.2f} TFLOP/s" if peak else ""))
     shares = []
     for spec in args.refs:
         for dtype in args.dtypes:
@@ -63,6 +76,7 @@ def main():
             batches = precompute.chunks(precompute.length_order(encoded), args.batch_size)
             tokens = sum(len(c.ids) + len(r.ids) for c, r in encoded)  # both sequences, the prompt counted twice
             computed = sum(len(c.ids) + len(r.ids) - precompute.shared_prefix(c, r) for c, r in encoded)
+            flops = step_flops(model, encoded)[0] / 2  # a training step is two forwards' worth
             with torch.inference_mode():  # warm-up: first-call allocations and kernel selection
                 precompute.pair_logps(model, [encoded[i] for i in batches[0]])
                 if args.device.startswith("cuda"):
@@ -77,8 +91,8 @@ def main():
             print(f"{spec:>14} {dtype:>5}: load {load_s:5.1f}s | {tokens / seconds:7.0f} tokens/s "
                   f"({tokens} sequence tokens in {seconds:.1f}s, mean length {tokens / (2 * len(encoded)):.0f}) | "
                   f"{computed} tokens computed: shared prompts save {shares[-1]:.1%}, padding 0.0% "
-                  f"(pairs packed into rows)",
-                  flush=True)
+                  f"(pairs packed into rows) | {flops / 1e9:.0f} GFLOP"
+                  + (f", {flops / seconds / peak:.1%} of the bf16 peak" if peak else ""), flush=True)
             del model
     print(f"done: {len(shares)} runs; tokens/s counts the tokens of both sequences of every pair (the unit of the "
           f"padded version), so it includes the saving of computing each shared prompt once")

@@ -40,6 +40,7 @@ def main():
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--rounds", type=int, default=5, help="timed steps of each (after one warmup)")
     args = parser.parse_args()
+    precompute.keep_freed_memory()  # as the scripts start
 
     from peft import LoraConfig, get_peft_model
     device = torch.device(args.device)

@@ -51,6 +51,7 @@ def main():
     group.add_argument("--ks", type=int, nargs="+", default=[1, 2, 4, 8], help="numbers of references for MRPO")
     group.add_argument("--rounds", type=int, default=6, help="timed steps per configuration (after one warmup)")
     args = parser.parse_args()
+    precompute.keep_freed_memory()  # as the scripts start
 
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     device = torch.device(args.device)

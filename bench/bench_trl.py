@@ -12,13 +12,15 @@ virtualenv that sees the project's packages, so nothing of the project's environ
 Both sides: SmolLM2-135M-Instruct, LoRA r=16 (alpha 32) on q/k/v/o/gate/up/down projections, DPO with beta 0.1,
 8 pairs per optimizer step, one epoch of the 48 pairs (6 steps), reference log-probs computed before training (ours
 by precompute.py, TRL's by precompute_ref_log_probs=True), median step time of steps 2-6. Each side runs in its own
-process, one after the other, under the same thread count:
+process, one after the other, under the same thread count and the same glibc allocator settings (freed memory kept
+for reuse, as precompute.keep_freed_memory sets it in train.py: MALLOC_MMAP_THRESHOLD_ and MALLOC_TRIM_THRESHOLD_
+1 GiB in both environments; --default-malloc leaves TRL's without them):
 - ours: `python train.py --loss dpo ...` itself, the script's real step, timed by train.py (step_time in
   metrics.jsonl: forward, loss, backward, clipping, AdamW step);
 - TRL: DPOTrainer.train(), timed from on_step_begin to on_step_end of a callback (the same work).
 bf16: ours loads the weights in bf16 (LoRA weights float32), TRL gets the same bf16 model and bf16=True.
 
-It prints per dtype: s/step of each and the ratio train.py/TRL (goal <= 0.25); for train.py's step the share of
+It prints per dtype: s/step of each and the ratio train.py/TRL (goal <= 0.10); for train.py's step the share of
 padding among the tokens it computes (goal <= 5%), the tokens it computes vs the tokens of the 2B sequences, the
 step's FLOPs and their fraction of this machine's bf16 matmul peak, measured here with a large bf16 matmul
 (goal >= 25%), and the peak RSS of each process.
@@ -58,6 +60,16 @@ def bf16_peak(seconds=3.0, n=2048):
         a @ b
         best = max(best, 2 * n ** 3 / (time.perf_counter() - t0))
     return best
+
+
+def cpu_model():
+    """(lscpu's model name, whether the CPU has AMX): which matrix units the measured peak comes from."""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    except OSError:
+        return "unknown CPU", False
+    model = next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")), "?")
+    return model, " amx_" in out or "amx_bf16" in out
 
 
 def step_flops(model, encoded_pairs):
@@ -145,6 +157,8 @@ def main():
     group.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     group.add_argument("--device", default="cpu", help="cpu or cuda")
     group.add_argument("--threads", type=int, default=2, help="torch threads of both sides (the issue used 2)")
+    group.add_argument("--default-malloc", action="store_true", help="leave TRL's process under glibc's default "
+                       "allocator (train.py still calls precompute.keep_freed_memory at its start)")
     args = parser.parse_args()
     try:
         import trl  # noqa: F401
@@ -155,6 +169,8 @@ def main():
     torch.set_num_threads(args.threads)
     steps = args.pairs // args.batch_size
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
+    if not args.default_malloc:
+        env.update(MALLOC_MMAP_THRESHOLD_=str(1 << 30), MALLOC_TRIM_THRESHOLD_=str(1 << 30))
 
     work = tempfile.mkdtemp(prefix="bench_trl-")
     data = os.path.join(work, "pairs.jsonl")
@@ -165,9 +181,10 @@ def main():
     model, tokenizer = precompute.load_model(args.model)
     encoded = [(precompute.encode(tokenizer, p["prompt"], p["chosen"]),
                 precompute.encode(tokenizer, p["prompt"], p["rejected"])) for p in precompute.read_pairs(data)]
+    cpu, amx = cpu_model()
     print(f"{len(encoded)} pairs of {args.data}, {args.batch_size} per step, {steps} steps, {args.model} + LoRA r=16 "
-          f"on {len(TARGETS)} projections, {args.threads} threads, {args.device}; measured bf16 matmul peak "
-          f"{peak / 1e12:.2f} TFLOP/s", flush=True)
+          f"on {len(TARGETS)} projections, {args.threads} threads, {args.device}; {cpu} (AMX: {'yes' if amx else 'no'})"
+          f", measured bf16 matmul peak {peak / 1e12:.2f} TFLOP/s", flush=True)
     for dtype in args.dtypes:
         refs = os.path.join(work, f"refs-{dtype}.safetensors")
         run([sys.executable, "precompute.py", "--data", data, "--refs", args.model, "--dtype", dtype,
@@ -196,7 +213,7 @@ def main():
         fraction = statistics.median(f / t for (f, _, _), t in zip(flops[1:], ours[1:])) / peak
         computed, sequences = sum(f[1] for f in flops), sum(f[2] for f in flops)
         print(f"{dtype}: train.py {ours_s:.2f} s/step, TRL {theirs_s:.2f} s/step, ratio train.py/TRL "
-              f"{ours_s / theirs_s:.3f} (goal <= 0.25) | train.py step: padding 0.0% of computed tokens "
+              f"{ours_s / theirs_s:.3f} (goal <= 0.10) | train.py step: padding 0.0% of computed tokens "
               f"(rows of {args.row_pairs} pairs, one forward each; goal <= 5%), {computed} tokens computed for "
               f"{sequences} sequence tokens "
               f"({1 - computed / sequences:.0%} saved by sharing prompts), "

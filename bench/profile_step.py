@@ -2,13 +2,16 @@
 
     python bench/profile_step.py                                 # SmolLM2 + LoRA, 8 hh-rlhf pairs, bf16 and fp32
     python bench/profile_step.py --dtypes bf16 --row-pairs 1 --threads 16
+    python bench/profile_step.py --dtypes bf16 --compile                 # torch.compile of the decoder layers
+    python bench/profile_step.py --dtypes bf16 --attention eager         # transformers' eager attention per pair
     python bench/profile_step.py --device cuda --model Qwen/Qwen2.5-7B-Instruct --dtypes bf16
 
 The step is train.py's: precompute.response_logps over the pairs of one batch (in rows of --row-pairs pairs, shared
 prompts, the output layer at scored positions only), mrpo.dpo_loss against reference log-probs, backward, gradient
 clipping and the AdamW step of the LoRA weights, under the autocast train.py uses, after precompute.keep_freed_memory
-as every script starts (--default-malloc: without it). torch.profiler records a few steps after a warmup; each
-operator's own time (self time, so nothing is counted twice) goes to one category:
+as every script starts (--default-malloc: without it). After two warmup steps a few steps are timed as they run, then
+as many again under torch.profiler (which slows them: the shares are of the profiled time); each operator's own time
+(self time, so nothing is counted twice) goes to one category:
 
 - matmul: aten::mm, addmm, bmm, matmul and the 4-bit kernels (the dense work);
 - attention: scaled_dot_product_attention and the kernels it dispatches to (flash, math), flex attention;
@@ -19,14 +22,15 @@ operator's own time (self time, so nothing is counted twice) goes to one categor
 
 It prints the CPU model and whether it has AMX, this machine's bf16 matmul peak measured in the same run (the best
 of repeated 2048 x 2048 products), the step's FLOPs (counted as bench_trl.py counts them) and their fraction of
-that peak, and the share of each category. Goal (issue "speed where matrix multiplies are fast"): outside matmul
-<= 20% of the bf16 step, and >= 25% of the peak.
+that peak, the share of each category, and whether the first step's log-probs equal those of the no-grad forward
+before it (the exact start train.py checks). --compile compiles every decoder layer and prints the same, with the
+time of the first forward and step (the compilations). Goal (issue "speed where matrix multiplies are fast"):
+outside matmul <= 20% of the bf16 step, and >= 25% of the peak.
 """
 
 import argparse
 import os
 import statistics
-import subprocess
 import sys
 import time
 
@@ -38,7 +42,7 @@ sys.path.insert(0, os.path.join(ROOT, "bench"))
 
 import mrpo  # noqa: E402
 import precompute  # noqa: E402
-from bench_trl import TARGETS, bf16_peak, step_flops  # noqa: E402
+from bench_trl import TARGETS, bf16_peak, cpu_model, step_flops  # noqa: E402
 
 CATEGORIES = ["matmul", "attention", "log-softmax", "optimizer", "elementwise", "overhead"]
 
@@ -58,15 +62,6 @@ def category(name):
     return "elementwise"
 
 
-def cpu_model():
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    except OSError:
-        return "unknown CPU", False
-    model = next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")), "?")
-    return model, " amx_" in out or "amx_bf16" in out
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     group = parser.add_argument_group("Data")
@@ -79,7 +74,13 @@ def main():
     group.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=["bf16", "fp32"])
     group.add_argument("--device", default="cpu", help="cpu or cuda")
     group.add_argument("--threads", type=int, default=2, help="torch threads (CPU)")
-    group.add_argument("--steps", type=int, default=4, help="profiled steps, after 2 warmup steps")
+    group.add_argument("--steps", type=int, default=4, help="timed steps, then as many profiled, after 2 warmups")
+    group.add_argument("--attention", default="sdpa", choices=["sdpa", "eager"], help="the attention each pair runs "
+                       "with: torch's scaled_dot_product_attention (the default of the scripts) or transformers' eager "
+                       "one (q k^T, a float32 softmax, times v)")
+    group.add_argument("--compile", action="store_true", help="torch.compile every decoder layer (dynamic shapes; "
+                       "the attention between pairs stays eager), to see what it saves and whether the start stays "
+                       "exact; with it the fused kernels count as overhead")
     group.add_argument("--default-malloc", action="store_true", help="leave glibc's allocator as it is (the scripts "
                        "call precompute.keep_freed_memory at their start; this shows the step without it)")
     args = parser.parse_args()
@@ -96,17 +97,29 @@ def main():
     for dtype in args.dtypes:
         model, tokenizer = precompute.load_model(args.model, dtype=dtype, device=args.device)
         model.config.use_cache = False
+        model.set_attn_implementation(args.attention)
         model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS,
                                                  task_type="CAUSAL_LM"))
+        for module in model.modules():  # as train.py: no float32 cast of each LoRA input under bf16 autocast
+            if hasattr(module, "cast_input_dtype_enabled"):
+                module.cast_input_dtype_enabled = dtype != "bf16"
+        if args.compile:  # every decoder layer; the pair-by-pair attention stays eager (a Python loop over spans)
+            precompute.pairwise_attention = torch.compiler.disable(precompute.pairwise_attention)
+            for layer in model.get_base_model().get_decoder().layers:
+                layer.compile(dynamic=True)
         model.train()
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=1e-6)
         encoded = precompute.encode_pairs(tokenizer, pairs)
         rows = precompute.chunks(list(range(len(encoded))), args.row_pairs)
-        with torch.no_grad(), precompute.autocast(args.device, dtype):
+        t0 = time.perf_counter()
+        with torch.no_grad(), precompute.autocast(args.device, dtype):  # as precompute.py scores reference 1
             ref = torch.cat([precompute.response_logps(model, [encoded[i] for i in r]) for r in rows])  # (2B,)
+        first = [time.perf_counter() - t0]
 
         def step():
+            """One optimizer step; returns the policy's summed log-probs (2B,) in the order of ref."""
+            out = []
             for r in rows:
                 with precompute.autocast(args.device, dtype):
                     sums = precompute.response_logps(model, [encoded[i] for i in r])  # (2 * pairs of the row,)
@@ -114,23 +127,32 @@ def main():
                 # a reference 1 nat below the policy on y_w, so that the loss is not at its ln 2 start
                 loss, _, _ = mrpo.dpo_loss(sums[0::2], sums[1::2], ref[idx] - 1, ref[idx + 1], 0.1)
                 (loss.sum() / len(encoded)).backward()
+                out.append(sums.detach())
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             if args.device != "cpu":
                 torch.cuda.synchronize()
+            return torch.cat(out)
 
-        for _ in range(2):
-            step()
+        t0 = time.perf_counter()
+        start = step()  # LoRA B = 0: the policy is the base model, so this is the exact start of train.py
+        first.append(time.perf_counter() - t0)
+        step()
         times = []
+        for _ in range(args.steps):  # timed without the profiler, which slows the step down
+            t0 = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - t0)
         activities = [torch.profiler.ProfilerActivity.CPU] + (
             [torch.profiler.ProfilerActivity.CUDA] if args.device != "cpu" else [])
+        profiled = []
         with torch.profiler.profile(activities=activities) as prof:
             for _ in range(args.steps):
                 t0 = time.perf_counter()
                 step()
-                times.append(time.perf_counter() - t0)
-        total = sum(times)
+                profiled.append(time.perf_counter() - t0)
+        total = sum(profiled)
         shares = dict.fromkeys(CATEGORIES, 0.0)
         for event in prof.key_averages():  # on CUDA the kernels' device time, on the CPU the aten operators'
             if args.device != "cpu":
@@ -141,9 +163,15 @@ def main():
         flops = step_flops(model.get_base_model(), encoded)[0]
         seconds = statistics.median(times)
         line = " | ".join(f"{name} {shares[name] / total:.0%}" for name in CATEGORIES)
-        print(f"{dtype}: {seconds:.3f} s/step (median of {args.steps}), {flops / 1e9:.0f} GFLOP/step"
-              + (f", {flops / seconds / peak:.1%} of the bf16 peak" if peak else "")
-              + f" | {line} | outside matmul {1 - shares['matmul'] / total:.0%} (goal <= 20%)", flush=True)
+        print(f"{dtype}{' compiled' if args.compile else ''}{', eager attention' if args.attention == 'eager' else ''}: {seconds:.3f} s/step (median of {args.steps}), "
+              f"{flops / 1e9:.0f} GFLOP/step" + (f", {flops / seconds / peak:.1%} of the bf16 peak" if peak else "")
+              + f" | profiled ({total / sum(times):.2f}x slower): {line} | outside matmul "
+              f"{1 - shares['matmul'] / total:.0%} (goal <= 20%)", flush=True)
+        diff = (start - ref).abs().max().item()
+        print(f"  first no-grad forward {first[0]:.1f} s, first step {first[1]:.1f} s"
+              + (" (both compile)" if args.compile else "") + f"; exact start (the first step's log-probs equal "
+              f"the no-grad forward's, as train.py requires of reference 1): "
+              + ("yes" if torch.equal(start, ref) else f"NO, max |difference| {diff:.3g} nat"), flush=True)
         top = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:12]
         print("  top operators by self time: " + ", ".join(
             f"{e.key} {e.self_cpu_time_total / 1e6 / total:.0%}" for e in top))
