@@ -12,7 +12,8 @@ pair's block alone, one attention call per pair and layer. One call per layer ca
 - flex: torch.nn.attention.flex_attention (compiled) with a block mask of the same rule, which skips the blocks the
   mask leaves empty.
 
-For a row of the model's real token layout (random queries, keys and values with its head counts and head size) it
+For a row of the model's real token layout (random queries, keys and values of its head size, the keys and values
+with as many heads as the queries: transformers repeats grouped key/value heads before a masked sdpa call) it
 prints, per variant, the forward and forward + backward time of one layer (median of --repeats), the largest
 difference from the pair-by-pair output, and the kernel each dispatches to (from torch.profiler). A variant that the
 device cannot run (flex has no backward on CPU) says so.
@@ -133,7 +134,8 @@ def main():
     row = precompute.pack_row(encoded)
     mask = precompute.attention_mask(config, row)
     mask = (mask["full_attention"] if isinstance(mask, dict) else mask).to(args.device)
-    heads, dim = config.num_attention_heads, getattr(config, "head_dim", config.hidden_size // config.num_attention_heads)
+    heads = config.num_attention_heads
+    dim = getattr(config, "head_dim", config.hidden_size // heads)
     generator = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, heads, row.input_ids.shape[1], dim, generator=generator)
                .to(args.device, precompute.DTYPES[args.dtype]) for _ in range(3))

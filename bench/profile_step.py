@@ -163,7 +163,8 @@ def main():
         flops = step_flops(model.get_base_model(), encoded)[0]
         seconds = statistics.median(times)
         line = " | ".join(f"{name} {shares[name] / total:.0%}" for name in CATEGORIES)
-        print(f"{dtype}{' compiled' if args.compile else ''}{', eager attention' if args.attention == 'eager' else ''}: {seconds:.3f} s/step (median of {args.steps}), "
+        run = dtype + (" compiled" if args.compile else "") + (", eager attention" if args.attention == "eager" else "")
+        print(f"{run}: {seconds:.3f} s/step (median of {args.steps}), "
               f"{flops / 1e9:.0f} GFLOP/step" + (f", {flops / seconds / peak:.1%} of the bf16 peak" if peak else "")
               + f" | profiled ({total / sum(times):.2f}x slower): {line} | outside matmul "
               f"{1 - shares['matmul'] / total:.0%} (goal <= 20%)", flush=True)
