@@ -136,7 +136,6 @@ for path in lora_dirs:
              f"retrain it (train.py stops before saving non-finite weights)")
 model.eval()
 
-
 @contextlib.contextmanager
 def policy(path):
     """Policy `path` without gradients: a merged model, the base model (adapters off), or base + that adapter."""
@@ -144,7 +143,6 @@ def policy(path):
         model.set_adapter(names[path])
     with model.disable_adapter() if path == "base" and names else contextlib.nullcontext(), torch.no_grad():
         yield merged.get(path, model)
-
 
 def policy_logps(path):
     """log pi(y|x) of every response under policy `path`: (N, W) float32, 0 after a set's last completion. Scored in
@@ -173,7 +171,6 @@ def metrics(values, beta=1.0):
     return {"accuracy": float(mrpo.reward_accuracy(chosen, rejected, beta).mean()),
             "margin": float((chosen - rejected).mean())}
 
-
 def evaluate(logps):
     """The metrics of a policy's (N, W) log-probs as rewards against reference 1 and MRPO's virtual reference (of
     mrpo_loss or mrpo_set_loss), and of the log-probs themselves (own/; pairs: accuracy, then mean log-probs)."""
@@ -190,7 +187,6 @@ def evaluate(logps):
         del out["own/margin"]
         out.update({"logps/chosen": float(logps[:, 0].mean()), "logps/rejected": float(logps[:, 1].mean())})
     return out
-
 
 results = {path: evaluate(policy_logps(path))
            for path in tqdm(args.adapters, desc="policies", dynamic_ncols=True, disable=rank != 0)}
