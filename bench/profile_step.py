@@ -166,7 +166,7 @@ def main():
         run = dtype + (" compiled" if args.compile else "") + (", eager attention" if args.attention == "eager" else "")
         print(f"{run}: {seconds:.3f} s/step (median of {args.steps}), "
               f"{flops / 1e9:.0f} GFLOP/step" + (f", {flops / seconds / peak:.1%} of the bf16 peak" if peak else "")
-              + f" | profiled ({total / sum(times):.2f}x slower): {line} | outside matmul "
+              + f" | profiled ({total / sum(times):.2f}x the time): {line} | outside matmul "
               f"{1 - shares['matmul'] / total:.0%} (goal <= 20%)", flush=True)
         diff = (start - ref).abs().max().item()
         print(f"  first no-grad forward {first[0]:.1f} s, first step {first[1]:.1f} s"
