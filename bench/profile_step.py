@@ -94,6 +94,8 @@ def main():
     print(f"profile_step: {cpu} (AMX: {'yes' if amx else 'no'}), {args.threads} threads, {args.device}, "
           f"{'glibc default malloc' if args.default_malloc else 'keep_freed_memory'}; "
           + (f"measured bf16 matmul peak {peak / 1e12:.2f} TFLOP/s" if peak else ""), flush=True)
+    if args.compile:  # the pair-by-pair attention stays eager (a Python loop over the row's spans)
+        precompute.pairwise_attention = torch.compiler.disable(precompute.pairwise_attention)
     for dtype in args.dtypes:
         model, tokenizer = precompute.load_model(args.model, dtype=dtype, device=args.device)
         model.config.use_cache = False
@@ -103,8 +105,7 @@ def main():
         for module in model.modules():  # as train.py: no float32 cast of each LoRA input under bf16 autocast
             if hasattr(module, "cast_input_dtype_enabled"):
                 module.cast_input_dtype_enabled = dtype != "bf16"
-        if args.compile:  # every decoder layer; the pair-by-pair attention stays eager (a Python loop over spans)
-            precompute.pairwise_attention = torch.compiler.disable(precompute.pairwise_attention)
+        if args.compile:  # every decoder layer
             for layer in model.get_base_model().get_decoder().layers:
                 layer.compile(dynamic=True)
         model.train()
@@ -115,7 +116,7 @@ def main():
         t0 = time.perf_counter()
         with torch.no_grad(), precompute.autocast(args.device, dtype):  # as precompute.py scores reference 1
             ref = torch.cat([precompute.response_logps(model, [encoded[i] for i in r]) for r in rows])  # (2B,)
-        first = [time.perf_counter() - t0]
+        first_forward = time.perf_counter() - t0
 
         def step():
             """One optimizer step; returns the policy's summed log-probs (2B,) in the order of ref."""
@@ -137,7 +138,7 @@ def main():
 
         t0 = time.perf_counter()
         start = step()  # LoRA B = 0: the policy is the base model, so this is the exact start of train.py
-        first.append(time.perf_counter() - t0)
+        first_step = time.perf_counter() - t0
         step()
         times = []
         for _ in range(args.steps):  # timed without the profiler, which slows the step down
@@ -169,7 +170,7 @@ def main():
               + f" | profiled ({total / sum(times):.2f}x the time): {line} | outside matmul "
               f"{1 - shares['matmul'] / total:.0%} (goal <= 20%)", flush=True)
         diff = (start - ref).abs().max().item()
-        print(f"  first no-grad forward {first[0]:.1f} s, first step {first[1]:.1f} s"
+        print(f"  first no-grad forward {first_forward:.1f} s, first step {first_step:.1f} s"
               + (" (both compile)" if args.compile else "") + f"; exact start (the first step's log-probs equal "
               f"the no-grad forward's, as train.py requires of reference 1): "
               + ("yes" if torch.equal(start, ref) else f"NO, max |difference| {diff:.3g} nat"), flush=True)
