@@ -14,11 +14,9 @@ Several GPUs: the same command under `torchrun --standalone --nproc_per_node 8 e
 to resume: evaluation is one pass, and the JSON is written atomically at the end.
 
 For each policy pi (the base model, base + adapter, or a merged model): the accuracy (a tie counts half) and mean
-margin of the implicit rewards beta log(pi / pi_ref) on the pairs (x, y_w, y_l), against reference 1 (ref1, DPO's
-reference: the base model scores exactly 0.5 and 0) and against MRPO's virtual reference (virtual: Prop. 1, CTRO,
---alpha), and the accuracy of its own log-probs (own; for each reference too). On sets: the pairwise accuracy, top-1
-accuracy and Kendall's tau-b of the same three (mrpo.set_ranking_metrics), means over the sets that have a
-preference. The paper's "preference accuracy" is the virtual column for MRPO runs and ref1 for DPO runs.
+margin of the implicit rewards beta log(pi / pi_ref) against reference 1 (ref1: the base model scores 0.5 and 0; the
+paper's "preference accuracy" of DPO runs) and MRPO's virtual reference (virtual: Prop. 1, CTRO, --alpha; that of
+MRPO runs), the accuracy of its own log-probs (own; each reference's too); on sets pairwise, top-1 accuracy, tau-b.
 
 Writes --out (JSON: every number, the settings) and, with --generate N, the greedy responses of every policy to the
 first N prompts beside the base model's in OUT's stem + .generations.jsonl.
@@ -37,7 +35,7 @@ from tqdm import tqdm
 import mrpo
 from precompute import (InputError, atomic_write, autocast, check_flags, check_paths, check_same_format,
                         default_cache_dir, encode_pairs, fail, finish_distributed, gather, generation_prompt,
-                        init_distributed, load_cache, load_model, padded, read_data, resolve_device, response_logps)
+                        init_distributed, load_cache, load_model, read_data, resolve_device, response_table)
 
 RANKING = ("pairwise_accuracy", "top1_accuracy", "kendall_tau_b")  # of a set (mrpo.set_ranking_metrics)
 
@@ -45,60 +43,57 @@ RANKING = ("pairwise_accuracy", "top1_accuracy", "kendall_tau_b")  # of a set (m
 # Config
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-group = parser.add_argument_group("Data")
-group.add_argument("--data", required=True, help="held-out pairs or sets of scored completions: a .jsonl, .json "
-                   "or .parquet file, a save_to_disk folder, or a dataset id ID[:CONFIG][@SPLIT] (read_data)")
-group.add_argument("--set-pairs", choices=["all", "best_worst"], help="sets as pairs, as precompute.py --set-pairs did")
-group.add_argument("--refs", required=True, help="reference cache of --data written by precompute.py (.safetensors)")
-group = parser.add_argument_group("Model")
-group.add_argument("--model", default=None, help="base model spec; default: reference 1 of --refs")
-group.add_argument("--policies", "--adapters", dest="adapters", nargs="+", default=["base"],
-                   help="'base' (no adapter), LoRA adapters (train.py's --out-dir), models with an adapter merged in")
-group.add_argument("--dtype", choices=["bf16", "fp32"], default="fp32", help="weights and autocast dtype")
-group.add_argument("--load-in-4bit", action="store_true", help="load the base model in 4 bit (bitsandbytes NF4)")
-group.add_argument("--cache-dir", default=default_cache_dir(), help="where precompute.py caches converted models")
-group.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda ...")
-group = parser.add_argument_group("Reward")
-group.add_argument("--beta", type=float, default=0.1, help="beta of the implicit reward beta * log(pi / pi_ref)")
-group.add_argument("--alpha", default="arwc", help="virtual reference weights: arwc, uniform, or K numbers")
-group.add_argument("--eps-max", type=float, default=0.1, help="CTRO bound of the adaptive eps (Eq. 9)")
-group.add_argument("--eps", type=float, default=None, help="a fixed CTRO eps instead of the adaptive one")
-group.add_argument("--no-clip", action="store_true", help="no CTRO clipping in the virtual reference")
-group = parser.add_argument_group("Output")
-group.add_argument("--out", default="runs/eval.json", help="JSON file of all numbers (written atomically)")
-group.add_argument("--generate", type=int, default=0, help="write greedy responses to the first N prompts")
-group.add_argument("--max-new-tokens", type=int, default=64, help="most tokens generated per response")
+arg = parser.add_argument_group("Data").add_argument
+arg("--data", required=True, help="held-out pairs or sets of scored completions: a .jsonl, .json or .parquet file, "
+    "a save_to_disk folder, or a dataset id ID[:CONFIG][@SPLIT] (read_data)")
+arg("--set-pairs", choices=["all", "best_worst"], help="sets as pairs, as precompute.py --set-pairs did")
+arg("--refs", required=True, help="reference cache of --data written by precompute.py (.safetensors)")
+arg = parser.add_argument_group("Model").add_argument
+arg("--model", default=None, help="base model spec; default: reference 1 of --refs")
+arg("--policies", "--adapters", dest="adapters", nargs="+", default=["base"], help="'base' (no adapter), LoRA "
+    "adapters (train.py's --out-dir), models with an adapter merged in")
+arg("--dtype", choices=["bf16", "fp32"], default="fp32", help="weights and autocast dtype")
+arg("--load-in-4bit", action="store_true", help="load the base model in 4 bit (bitsandbytes NF4)")
+arg("--cache-dir", default=default_cache_dir(), help="where precompute.py caches converted models")
+arg("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda ...")
+arg = parser.add_argument_group("Reward").add_argument
+arg("--beta", type=float, default=0.1, help="beta of the implicit reward beta * log(pi / pi_ref)")
+arg("--alpha", default="arwc", help="virtual reference weights: arwc, uniform, or K numbers")
+arg("--eps-max", type=float, default=0.1, help="CTRO bound of the adaptive eps (Eq. 9)")
+arg("--eps", type=float, default=None, help="a fixed CTRO eps instead of the adaptive one")
+arg("--no-clip", action="store_true", help="no CTRO clipping in the virtual reference")
+arg = parser.add_argument_group("Output").add_argument
+arg("--out", default="runs/eval.json", help="JSON file of all numbers (written atomically)")
+arg("--generate", type=int, default=0, help="write greedy responses to the first N prompts")
+arg("--max-new-tokens", type=int, default=64, help="most tokens generated per response")
 args = parser.parse_args()
 check_flags(args, beta=">0", eps_max="[0,1]", eps="[0,1]", generate=">=0", max_new_tokens="int>=1")
 generations_path = os.path.splitext(args.out)[0] + ".generations.jsonl" if args.generate else None
 check_paths([args.data, args.refs, args.model, *args.adapters], [args.out, generations_path])
 
-t_start = time.time()
-rank, world = init_distributed()  # under torchrun: each rank scores every world-th row, rank 0 writes; else (0, 1)
+(rank, world), t_start = init_distributed(), time.time()  # torchrun: rank r scores rows r, r + world, ...; 0 writes
 device = resolve_device(args.device)  # under torchrun on GPUs: cuda:LOCAL_RANK
 try:
     kind, pairs = read_data(args.data, args.set_pairs)
     cache = load_cache(args.refs, pairs, args.data)
 except InputError as e:
     fail(e)
-sets = kind == "sets"  # sets: ranking metrics (mrpo.set_ranking_metrics); pairs (W = 2): accuracy and margin
 ref_logps, scores, mask = cache["logps"], cache["scores"], cache["mask"]  # (K, N, W), (N, W), (N, W)
-(K, N, W), ref1 = ref_logps.shape, cache["refs"][0]
+(K, N, W), ref1, sets = ref_logps.shape, cache["refs"][0], kind == "sets"  # pairs: W = 2 (chosen, rejected)
 try:
     alpha = mrpo.parse_alpha(args.alpha, K)  # the same parser as train.py's
 except ValueError as e:
     fail(f"{e} (K={K}: the references in {args.refs})")
-lora_dirs, merged_dirs = [], []  # the policies' directories: LoRA adapters; whole models with an adapter merged in
-for path in [p for p in args.adapters if p != "base"]:
-    config = os.path.join(path, "config.json")
-    if os.path.isfile(os.path.join(path, "adapter_config.json")):
-        lora_dirs.append(path)
-    elif os.path.isfile(config) and "model_type" in json.load(open(config)):  # a transformers config.json
-        merged_dirs.append(path)
-    else:
-        fail(f"--policies {path}: neither adapter_config.json nor a model's config.json there; fix: give the "
-             f"--out-dir of a finished train.py run, a merged model's directory, or 'base' for the model without "
-             f"adapter")
+
+def read_config(path):
+    """The config.json in directory `path` (train.py's resolved config, or a transformers model's), else {}."""
+    return json.load(open(config)) if os.path.isfile(config := os.path.join(path, "config.json")) else {}
+
+lora_dirs = list(dict.fromkeys(p for p in args.adapters if os.path.isfile(os.path.join(p, "adapter_config.json"))))
+merged_dirs = [p for p in args.adapters if p not in lora_dirs and "model_type" in read_config(p)]  # adapter merged in
+for path in [p for p in args.adapters if p not in ["base", *lora_dirs, *merged_dirs]]:
+    fail(f"--policies {path}: neither adapter_config.json nor a model's config.json there; fix: give the --out-dir "
+         f"of a finished train.py run, a merged model's directory, or 'base' for the model without adapter")
 
 # ----------------------------------------------------------------------------------------------------------------
 # Model: the base model once, every adapter loaded into it by name, merged models beside it
@@ -115,16 +110,13 @@ try:  # each model checked to format text as reference 1 did
         check_same_format(path, merged_tokenizer, ref1, args.refs)
 except InputError as e:
     fail(e)
-names = {}  # adapter directory -> peft adapter name
+names = {path: f"policy{i}" for i, path in enumerate(lora_dirs)}  # adapter directory -> peft adapter name
 for path in lora_dirs:
-    config = os.path.join(path, "config.json")  # train.py's resolved config, beside the adapter
-    trained_on = json.load(open(config)).get("model") if os.path.isfile(config) else None
-    if trained_on not in (None, spec):
+    if (trained_on := read_config(path).get("model", spec)) != spec:  # train.py's resolved config, beside the adapter
         fail(f"{path} was trained on base model {trained_on}, not {spec}; fix: pass --model {trained_on}")
     from peft import PeftModel
-    names[path] = f"policy{len(names)}"
     try:  # the first adapter makes the model a PeftModel, the others join it
-        if len(names) == 1:
+        if path == lora_dirs[0]:
             model = PeftModel.from_pretrained(model, path, adapter_name=names[path])
         else:
             model.load_adapter(path, adapter_name=names[path])
@@ -151,8 +143,7 @@ def policy_logps(path):
     with policy(path) as pi:
         for row in tqdm(cache["rows"][rank::world], desc=path, leave=False, dynamic_ncols=True, disable=rank != 0):
             with autocast(device, args.dtype):
-                flat = response_logps(pi, [encoded[i] for i in row]).cpu()
-            out[row] = torch.stack([padded(x, W) for x in flat.split([len(encoded[i]) for i in row])])
+                out[row] = response_table(pi, [encoded[i] for i in row], W).cpu()
             mine += row
     for idx, x in gather((mine, out[mine])):  # every rank's share, on every rank
         out[idx] = x
@@ -182,25 +173,21 @@ def evaluate(logps):
                                              args.beta, **options)[1:], 1)  # (N, 2)
     out = {f"{view}/{k}": v for view, values, beta in (("ref1", args.beta * (logps - ref_logps[0]), args.beta),
                                                        ("virtual", virtual, args.beta), ("own", logps, 1.0))
-           for k, v in metrics(values, beta).items()}
-    if not sets:
-        del out["own/margin"]
-        out.update({"logps/chosen": float(logps[:, 0].mean()), "logps/rejected": float(logps[:, 1].mean())})
-    return out
+           for k, v in metrics(values, beta).items() if (view, k) != ("own", "margin")}
+    means = {} if sets else {"logps/chosen": float(logps[:, 0].mean()), "logps/rejected": float(logps[:, 1].mean())}
+    return {**out, **means}
 
 results = {path: evaluate(policy_logps(path))
            for path in tqdm(args.adapters, desc="policies", dynamic_ncols=True, disable=rank != 0)}
-references = [{"name": r["name"], **({f"own/{name}": v for name, v in metrics(ref_logps[k]).items()} if sets else
-                                     {"accuracy": metrics(ref_logps[k])["accuracy"],  # the cache's own columns
-                                      "logps/chosen": float(cache["chosen_logps"][k].mean()),
-                                      "logps/rejected": float(cache["rejected_logps"][k].mean())})}
-              for k, r in enumerate(cache["refs"])]
+references = [{"name": r["name"], **({f"own/{n}": v for n, v in metrics(ref_logps[k]).items()} if sets else {
+    "accuracy": metrics(ref_logps[k])["accuracy"], "logps/chosen": float(cache["chosen_logps"][k].mean()),
+    "logps/rejected": float(cache["rejected_logps"][k].mean())})} for k, r in enumerate(cache["refs"])]  # own columns
 finish_distributed()  # under torchrun the other ranks are done (they scored their share); rank 0 generates, writes
 if rank != 0:
     sys.exit(0)
 
 if args.generate:
-    rows = [dict(pairs[i]) for i in range(min(args.generate, N))]
+    rows = [dict(p) for p in pairs[:args.generate]]
     for row in tqdm(rows, desc="generate", dynamic_ncols=True):
         input_ids = torch.tensor([generation_prompt(tokenizer, row["prompt"], ref1["max_length"],  # the model's format
                                                     ref1["max_prompt_length"], args.max_new_tokens)], device=device)
@@ -212,27 +199,22 @@ if args.generate:
     with atomic_write(generations_path, "w") as f:
         f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
 
-report = {"data": args.data, "refs": args.refs, "pairs": N, "model": spec, "dtype": args.dtype,
-          "load_in_4bit": args.load_in_4bit, "beta": args.beta, "alpha": args.alpha, "eps_max": args.eps_max,
-          "eps": args.eps, "clip": not args.no_clip, "policies": results, "references": references,
+report = {**{k: getattr(args, k) for k in ("data", "refs", "dtype", "load_in_4bit", "beta", "alpha", "eps_max", "eps")},
+          "clip": not args.no_clip, "pairs": N, "model": spec, "policies": results, "references": references,
           "generations": generations_path}
 with atomic_write(args.out, "w") as f:
     f.write(json.dumps(report, indent=2) + "\n")
 
 width = max(len(p) for p in args.adapters + ["policy"])
-if sets:
-    print(f"{'policy':<{width}}  pairwise/top-1/tau vs ref1  vs virtual reference  own log-probs")
-    for path, r in results.items():
-        print(f"{path:<{width}}  " + "  ".join(" ".join(f"{r[f'{s}/{k}']:6.3f}" for k in RANKING)
-                                               for s in ("ref1", "virtual", "own")))
-    print("references (own pairwise accuracy, top-1, tau): "
-          + ", ".join(r["name"] + "".join(f" {r[f'own/{k}']:.3f}" for k in RANKING) for r in references))
-else:
-    print(f"{'policy':<{width}}  acc(ref1)  margin(ref1)  acc(virtual)  margin(virtual)  acc(own log-prob)")
-    for path, r in results.items():
-        print(f"{path:<{width}}  {r['ref1/accuracy']:9.3f}  {r['ref1/margin']:12.4f}  {r['virtual/accuracy']:12.3f}  "
-              f"{r['virtual/margin']:15.4f}  {r['own/accuracy']:17.3f}")
-    print("references (own accuracy: log-prob of chosen > rejected): "
-          + ", ".join(f"{r['name']} {r['accuracy']:.3f}" for r in references))
+head = {"accuracy": "acc", "margin": "margin", **dict(zip(RANKING, ("pairwise", "top-1", "tau"))),
+        "own": "own" if sets else "own log-prob"}  # a column's header: metric(view)
+columns = [(f"{v}/{k}", f"{head[k]}({head.get(v, v)})") for v in ("ref1", "virtual", "own")
+           for k in (RANKING if sets else ("accuracy", "margin")) if (v, k) != ("own", "margin")]  # (key, header)
+print("  ".join([f"{'policy':<{width}}"] + [h for _, h in columns]))
+for path, r in results.items():
+    print("  ".join([f"{path:<{width}}"] + [f"{r[k]:{len(h)}.{4 if 'margin' in k else 3}f}" for k, h in columns]))
+own = [f"own/{k}" for k in RANKING] if sets else ["accuracy"]
+print(f"references (own {'pairwise accuracy, top-1, tau' if sets else 'accuracy: log-prob of chosen > rejected'}): "
+      + ", ".join(r["name"] + "".join(f" {r[k]:.3f}" for k in own) for r in references))
 print(f"eval.py: {len(results)} policies on {N} pairs of {args.data} in {time.time() - t_start:.0f}s -> {args.out}"
       + (f", generations in {generations_path}" if generations_path else ""))

@@ -627,6 +627,12 @@ def response_logps(model, encoded_pairs, row_tokens=ROW_TOKENS):
     return sums
 
 
+def response_table(model, encoded_pairs, width, row_tokens=ROW_TOKENS):
+    """response_logps as a (B, width) table: row b holds the responses of pair (or set) b in order, 0 after its last."""
+    flat = response_logps(model, encoded_pairs, row_tokens)  # (responses,)
+    return torch.stack([padded(x, width) for x in flat.split([len(group) for group in encoded_pairs])])
+
+
 def canonical_rows(n, pairs_per_row, seed=0):
     """The rows of a data set of n pairs: the pairs in a seeded random order, pairs_per_row at a time (the last row
     may hold fewer). Reference 1 is scored one row per pair_logps call; train.py batches whole rows and eval.py
@@ -842,8 +848,7 @@ def score_reference(k, spec, pairs, fingerprints, rows, args, budget):
             if budget[0] is not None and budget[0] <= 0:
                 raise _Stop()
             with torch.inference_mode(), autocast(args.device, args.dtype):
-                flat = response_logps(model, [encoded[i] for i in b]).cpu()  # (responses of the batch,)
-            logps[b] = torch.stack([padded(x, width) for x in flat.split([len(encoded[i]) for i in b])])  # (B, W)
+                logps[b] = response_table(model, [encoded[i] for i in b], width).cpu()  # (B, W)
             done[b], tokens = 1, tokens + sum(len(e.ids) for i in b for e in encoded[i])
             _write_safetensors(partial, {"logps": logps, "done": done}, key)
             budget[0] = None if budget[0] is None else budget[0] - 1

@@ -3,7 +3,7 @@ r"""Train a policy by DPO, MRPO, Multi-DPO or Mean-Ref with LoRA, optionally on 
 The policy starts as reference 1 of the cache precompute.py wrote and is trained through LoRA adapters (peft). The K
 references are not loaded: their log-probs come from the cache, so training holds one model whatever K is. A step
 takes --batch-size pairs as whole rows of the cache, the rows reference 1 was scored in, so that the policy starts at
-reference 1 exactly (docs/exact-start.md); precompute.response_logps scores them and a loss of mrpo.py applies.
+reference 1 exactly (docs/exact-start.md); precompute.response_table scores them and a loss of mrpo.py applies.
 Sets of scored completions, --alpha vdw|vaw|swcw|tsw and torchrun: README.md and docs/distributed.md.
 
 CPU demo (what `make demo` runs; the bundled data and the two embedded references):
@@ -51,8 +51,8 @@ from tqdm import tqdm
 import mrpo
 from precompute import (InputError, atomic_write, autocast, check_flags, check_paths, check_same_format, chunks,
                         default_cache_dir, encode_pairs, fail, finish_distributed, gather, init_distributed,
-                        load_cache, load_model, load_tokenizer, padded, quantization, read_data, resolve_device,
-                        response_logps)
+                        load_cache, load_model, load_tokenizer, quantization, read_data, resolve_device,
+                        response_table)
 
 # ----------------------------------------------------------------------------------------------------------------
 # Config
@@ -326,8 +326,7 @@ def loss_terms(rows, encs, c, refs, loss=args.loss, weights=None):
     (B,), metric sums, tokens, (policy log-probs (B, W) as the loss saw them, their sums), pair indices)."""
     idx, width = pairs_of(rows), c["logps"].shape[2] if c is not None else 2
     with autocast(device, args.dtype):
-        flat = torch.cat([response_logps(model, [encs[i] for i in row]) for row in rows])  # (responses,)
-    sums = policy = torch.stack([padded(x, width) for x in flat.split([len(encs[i]) for i in idx])])  # (B, W)
+        sums = policy = torch.cat([response_table(model, [encs[i] for i in row], width) for row in rows])  # (B, W)
     if args.logps == "mean":  # each sum over the policy's own response token count
         count = torch.tensor([[len(e.ids) - e.start for e in encs[i]] + [1] * (width - len(encs[i])) for i in idx])
         policy = sums / count.to(device).clamp(min=1)
