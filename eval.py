@@ -33,9 +33,9 @@ import torch
 from tqdm import tqdm
 
 import mrpo
-from precompute import (InputError, atomic_write, autocast, check_flags, check_paths, check_same_format,
-                        default_cache_dir, encode_pairs, fail, finish_distributed, gather, generation_prompt,
-                        init_distributed, load_cache, load_model, read_data, resolve_device, response_table)
+from precompute import (InputError, atomic_write, autocast, check_flags, check_paths, check_same_format, fail, gather,
+                        default_cache_dir, encode_pairs, finish_distributed, generation_prompt, init_distributed,
+                        load_cache, load_model, parse_alpha, read_data, resolve_device, response_table)
 
 RANKING = ("pairwise_accuracy", "top1_accuracy", "kendall_tau_b")  # of a set (mrpo.set_ranking_metrics)
 
@@ -81,7 +81,7 @@ except InputError as e:
 ref_logps, scores, mask = cache["logps"], cache["scores"], cache["mask"]  # (K, N, W), (N, W), (N, W)
 (K, N, W), ref1, sets = ref_logps.shape, cache["refs"][0], kind == "sets"  # pairs: W = 2 (chosen, rejected)
 try:
-    alpha = mrpo.parse_alpha(args.alpha, K)  # the same parser as train.py's
+    alpha = parse_alpha(args.alpha, K)  # the same parser as train.py's
 except ValueError as e:
     fail(f"{e} (K={K}: the references in {args.refs})")
 

@@ -290,8 +290,8 @@ def compute_loss(name, policy_chosen_logps, policy_rejected_logps, ref_chosen_lo
 
 
 # ================================================================================================================
-# Beyond the paper's core: the metric and option parser the scripts share, Proposition 2 as it holds, the weightings
-# of arXiv:2512.10040 and losses over sets of scored responses (MPO)
+# Beyond the paper's core: the accuracy metric, Proposition 2 as it holds, the weightings of arXiv:2512.10040 and
+# losses over sets of scored responses (MPO)
 
 TIE_NATS = 1e-4  # a margin under this many nats is a tie: float noise, e.g. between the same policy in other rows
 
@@ -306,25 +306,6 @@ def reward_accuracy(chosen_rewards, rejected_rewards, beta=1.0, tol=TIE_NATS):
     """
     margin = (chosen_rewards.float() - rejected_rewards.float()) / beta  # (B,) in nats
     return torch.where(margin.abs() < tol, 0.5, (margin > 0).float())  # (B,) float32; the mean is the accuracy
-
-
-def parse_alpha(text, K):
-    """The scripts' --alpha: "arwc" | "uniform" | K comma-separated non-negative numbers with a positive sum
-    (resolve_alpha normalises them). Returns the name or the K floats; raises ValueError naming the fix."""
-    if text in ("arwc", "uniform"):
-        return text
-    try:
-        weights = [float(w) for w in text.split(",")]
-    except ValueError:
-        raise ValueError(f"--alpha {text!r}: expected arwc, uniform or {K} comma-separated numbers") from None
-    if len(weights) != K:
-        raise ValueError(f"--alpha {text!r} gives {len(weights)} weights but there are K={K} references; "
-                         f"fix: give {K} numbers, e.g. --alpha {','.join(['1'] * K)}")
-    if not all(w == w and abs(w) != float("inf") for w in weights):
-        raise ValueError(f"--alpha {text!r}: weights must be finite numbers")
-    if min(weights) < 0 or sum(weights) <= 0:
-        raise ValueError(f"--alpha {text!r}: weights must be non-negative with a positive sum")
-    return weights
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -897,7 +897,7 @@ def export_trl(args, pairs):
         if [r["name"] for r in val["refs"]] != [r["name"] for r in cache["refs"]]:
             raise InputError(f"--val-refs {args.val_refs}: other references than {args.out}'s; fix: the same --refs")
         alpha = getattr(mrpo, f"{args.alpha}_weights")(val["chosen_logps"], val["rejected_logps"]) if args.val_refs \
-            else mrpo.parse_alpha(args.alpha, len(cache["refs"]))  # VDW / VAW: (K,), fixed from validation pairs
+            else parse_alpha(args.alpha, len(cache["refs"]))  # VDW / VAW: (K,), fixed from validation pairs
         chosen, rejected = mrpo.virtual_reference_pair(cache["chosen_logps"], cache["rejected_logps"], alpha,
                                                        args.eps_max, args.eps, not args.no_clip)
     except ValueError as e:  # a bad --alpha, or a cache or data file's InputError
@@ -1068,6 +1068,25 @@ def check_flags(args, **rules):
         if value is not None and not (abs(value) <= torch.finfo(torch.float32).max and ok(value)):  # nan fails
             fail(f"--{name.replace('_', '-')} {value}: must be {meaning} (and finite in float32); fix: give such a "
                  f"value")
+
+
+def parse_alpha(text, K):
+    """The scripts' --alpha: "arwc" | "uniform" | K comma-separated non-negative numbers with a positive sum
+    (mrpo.resolve_alpha normalises them). Returns the name or the K floats; raises ValueError naming the fix."""
+    if text in ("arwc", "uniform"):
+        return text
+    try:
+        weights = [float(w) for w in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--alpha {text!r}: expected arwc, uniform or {K} comma-separated numbers") from None
+    if len(weights) != K:
+        raise ValueError(f"--alpha {text!r} gives {len(weights)} weights but there are K={K} references; "
+                         f"fix: give {K} numbers, e.g. --alpha {','.join(['1'] * K)}")
+    if not all(w == w and abs(w) != float("inf") for w in weights):
+        raise ValueError(f"--alpha {text!r}: weights must be finite numbers")
+    if min(weights) < 0 or sum(weights) <= 0:
+        raise ValueError(f"--alpha {text!r}: weights must be non-negative with a positive sum")
+    return weights
 
 
 def check_paths(inputs, outputs):

@@ -51,7 +51,7 @@ from tqdm import tqdm
 import mrpo
 from precompute import (InputError, atomic_write, autocast, check_flags, check_paths, check_same_format, chunks,
                         default_cache_dir, encode_pairs, fail, finish_distributed, gather, init_distributed,
-                        load_cache, load_model, load_tokenizer, quantization, read_data, resolve_device,
+                        load_cache, load_model, load_tokenizer, parse_alpha, quantization, read_data, resolve_device,
                         response_table)
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -236,7 +236,7 @@ elif args.alpha == "tsw":
         fail(f"--tsw-prior {args.tsw_prior!r}: expected 'a,b' with a, b > 0 ({e})")
 elif args.alpha != "swcw":
     try:
-        alpha = mrpo.parse_alpha(args.alpha, K)  # the same parser as eval.py's
+        alpha = parse_alpha(args.alpha, K)  # the same parser as eval.py's
     except ValueError as e:
         fail(f"{e} (K={K}: the references {', '.join(names)} of {args.refs})")
 if args.loss != "dpo" and K == 1:

@@ -136,7 +136,7 @@ def test_bad_input(setup, tmp_path):
 
 
 def test_alpha_is_validated_like_train(tiny_refs, tmp_path):
-    """eval.py reads --alpha with train.py's parser (mrpo.parse_alpha): negative weights or a zero sum are errors."""
+    """eval.py reads --alpha with train.py's parser (precompute.parse_alpha): negative weights, a zero sum: errors."""
     data, cache, _ = tiny_refs
     for text, message in (("-1,2", "non-negative"), ("0,0", "positive sum")):
         result = evaluate(data, cache, tmp_path / "eval.json", f"--alpha={text}", check=False)

@@ -10,6 +10,7 @@ from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 import mrpo
+from precompute import parse_alpha
 
 settings.register_profile("mrpo", deadline=None, max_examples=150)
 settings.load_profile("mrpo")
@@ -478,9 +479,9 @@ def test_reward_accuracy_counts_ties_half():
 
 
 def test_parse_alpha():
-    assert mrpo.parse_alpha("arwc", 3) == "arwc" and mrpo.parse_alpha("uniform", 2) == "uniform"
-    assert mrpo.parse_alpha("1,3", 2) == [1.0, 3.0]
+    assert parse_alpha("arwc", 3) == "arwc" and parse_alpha("uniform", 2) == "uniform"
+    assert parse_alpha("1,3", 2) == [1.0, 3.0]
     for text, match in (("0.2,0.3,0.5", "3 weights"), ("1,-1", "non-negative"), ("0,0", "positive sum"),
                         ("a,b", "comma-separated"), ("1,nan", "finite")):
         with pytest.raises(ValueError, match=match):
-            mrpo.parse_alpha(text, 2)
+            parse_alpha(text, 2)
