@@ -759,6 +759,19 @@ def load_cache(path, pairs, data_path=None):
     return out
 
 
+def write_cache(path, kind, columns, refs, rows, row_pairs, fingerprints, data):
+    """The cache that load_cache reads, written atomically: columns {"logps", "tokens"}, each a list of K (N, W)
+    tensors (stored as (K, N) chosen_/rejected_ columns for pairs, as (K, N, W) for sets), refs the K identities,
+    rows the canonical rows (lists of pair indices) of row_pairs pairs, fingerprints the N rows' (pair_fingerprint),
+    data the --data it was made from."""
+    metadata = {"format": CACHE_FORMAT, "fingerprints": json.dumps(fingerprints), "refs": json.dumps(refs),
+                "data": data, "row_pairs": str(row_pairs), "kind": kind}
+    tensors = {name: torch.stack(values) for name, values in columns.items()}  # (K, N, W) each
+    if kind == "pairs":  # W = 2 is (chosen, rejected)
+        tensors = {f"{side}_{n}": tensors[n][..., j] for n in tensors for j, side in enumerate(("chosen", "rejected"))}
+    _write_safetensors(path, {**tensors, "rows": torch.tensor([i for row in rows for i in row])}, metadata)
+
+
 def quantization(load_in_4bit=False, load_in_8bit=False):
     """The one spelling of a model's quantization: "4bit", "8bit" or "none"."""
     return "4bit" if load_in_4bit else "8bit" if load_in_8bit else "none"
@@ -1029,13 +1042,7 @@ def main():
             print(f"{spec}: {ref['straddled_rows']} of {len(pairs)} rows have a token straddling the prompt/response "
                   f"boundary; it is scored as response (docs/tokenization.md)", file=sys.stderr)
     if rank == 0:  # every rank holds the whole result (score_reference gathered it); one writes it
-        metadata = {"format": CACHE_FORMAT, "fingerprints": json.dumps(fingerprints), "refs": json.dumps(refs),
-                    "data": args.data, "row_pairs": str(row_pairs), "kind": kind}
-        tensors = {name: torch.stack(values) for name, values in columns.items()}  # (K, N, W) each
-        if kind == "pairs":  # stored as (K, N) columns: W = 2 is (chosen, rejected)
-            tensors = {f"{side}_{name}": tensors[name][..., j] for name in tensors for j, side in enumerate(
-                ("chosen", "rejected"))}
-        _write_safetensors(args.out, {**tensors, "rows": torch.tensor([i for row in rows for i in row])}, metadata)
+        write_cache(args.out, kind, columns, refs, rows, row_pairs, fingerprints, args.data)
         shutil.rmtree(args.out + ".partial", ignore_errors=True)
         print(f"wrote {args.out}: {len(pairs)} {kind} x {len(refs)} refs in {time.time() - t_start:.0f}s | "
               + " | ".join(summary) + (f" | {world} processes" if world > 1 else ""))
