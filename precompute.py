@@ -566,16 +566,58 @@ def pairwise_attention(module, query, key, value, attention_mask, pair_spans=Non
     query (1, heads, L, D), key and value (1, kv_heads, L, D), attention_mask (1, 1, L, L) from attention_mask(),
     pair_spans [(begin, end)] from pack_row. No token sees another pair, so each pair's block is computed alone by
     the attention the model was loaded with (sdpa or eager): what the pairs cost alone, not the square of the row.
-    Without pair_spans (generation, plain forwards) it is that attention on the whole input.
+    Without pair_spans (generation, plain forwards) it is that attention on the whole input. When sdpa's backward
+    will run on a device and dtype of MATH_BACKWARD, each pair's is SdpaMathBackward's instead.
     """
     impl = module.config._attn_implementation.removeprefix("pairwise_")
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
     inner = ALL_ATTENTION_FUNCTIONS.get_interface(impl, sys.modules[type(module).__module__].eager_attention_forward)
     if pair_spans is None:
         return inner(module, query, key, value, attention_mask, **kwargs)
-    out = [inner(module, query[:, :, b:e], key[:, :, b:e], value[:, :, b:e], attention_mask[:, :, b:e, b:e],
-                 **kwargs)[0] for b, e in pair_spans]  # each (1, e - b, heads, D)
+    math_backward = (impl == "sdpa" and torch.is_grad_enabled() and any(x.requires_grad for x in (query, key, value))
+                     and query.dtype in MATH_BACKWARD.get(query.device.type, ()) and not kwargs.get("dropout")
+                     and kwargs.get("s_aux") is None)  # attention sinks (gpt-oss) are not in its formula
+    attend = (lambda q, k, v, mask: SdpaMathBackward.apply(q, k, v, mask, inner, module, kwargs)) if math_backward \
+        else lambda q, k, v, mask: inner(module, q, k, v, mask, **kwargs)[0]
+    out = [attend(query[:, :, b:e], key[:, :, b:e], value[:, :, b:e], attention_mask[:, :, b:e, b:e])
+           for b, e in pair_spans]  # each (1, e - b, heads, D)
     return torch.cat(out, dim=1), None
+
+
+MATH_BACKWARD = {"cpu": (torch.bfloat16, torch.float16)}  # device type -> dtypes whose sdpa backward is slow there
+
+
+class SdpaMathBackward(torch.autograd.Function):
+    """One pair's sdpa attention: the forward is the model's own sdpa call (the same bits as without gradients, so
+    the exact start holds), the backward attention_backward's matrix multiplies. On CPU PyTorch's 16-bit flash
+    attention backward takes about nine times its forward; this one about a third of that (bench/README.md)."""
+
+    @staticmethod
+    def forward(ctx, query, key, value, mask, inner, module, kwargs):
+        out = inner(module, query, key, value, mask, **kwargs)[0]  # (1, n, heads, D)
+        ctx.save_for_backward(query, key, value, mask, out)
+        ctx.scale = kwargs.get("scaling") or query.shape[-1] ** -0.5  # sdpa's default scale when none is given
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        return *attention_backward(*ctx.saved_tensors, grad, ctx.scale), None, None, None, None
+
+
+def attention_backward(query, key, value, mask, out, grad, scale):
+    """Gradients (query, key, value) of out = softmax(scale q k^T where mask, else -inf) v for the output gradient
+    grad: query (1, heads, n, D), key and value (1, kv_heads, n, D) shared by heads / kv_heads query heads each (as
+    transformers' repeat_kv), mask (1, 1, n, n) bool, out and grad (1, n, heads, D). The probabilities P are
+    recomputed in float32 (or float64); dS = P * (dP - rowsum(dO * O)), the rule flash attention's backward uses."""
+    groups, wide = query.shape[1] // key.shape[1], torch.promote_types(query.dtype, torch.float32)
+    k, v = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)  # (1, heads, n, D)
+    grad, out = grad.transpose(1, 2), out.transpose(1, 2)  # (1, heads, n, D)
+    p = torch.softmax((query @ k.transpose(-1, -2)).to(wide).mul_(scale).masked_fill_(~mask, -torch.inf), dim=-1)
+    dv = p.to(value.dtype).transpose(-1, -2) @ grad  # (1, heads, n, D)
+    dp = (grad @ v.transpose(-1, -2)).to(wide)  # (1, heads, n, n)
+    ds = p.mul_(dp.sub_((grad.to(wide) * out.to(wide)).sum(-1, keepdim=True))).mul_(scale).to(query.dtype)
+    per_kv_head = lambda x: x.unflatten(1, (key.shape[1], groups)).sum(2)  # noqa: E731  sum over its query heads
+    return ds @ k, per_kv_head(ds.transpose(-1, -2) @ query), per_kv_head(dv)
 
 
 def use_pairwise_attention(model):

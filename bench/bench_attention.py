@@ -5,7 +5,9 @@
 
 A packed row (precompute.pack_row) holds several pairs, each as [shared prompt][chosen][rejected]; no token attends
 to another pair, and a rejected token not to its pair's chosen tokens. precompute.pairwise_attention computes each
-pair's block alone, one attention call per pair and layer. One call per layer can take the same attention as:
+pair's block alone, one attention call per pair and layer; in training on CPU in 16 bit its backward is
+precompute.attention_backward's matrix multiplies (precompute.SdpaMathBackward), not sdpa's flash backward ("pair by
+pair, math backward"). One call per layer can take the same attention as:
 
 - padded pairs: the pairs gathered into a (pairs, heads, longest pair, D) batch with a mask per pair, one sdpa call;
 - whole row: the (1, 1, L, L) mask of the row (precompute.attention_mask), one sdpa call on the square of the row;
@@ -39,6 +41,18 @@ from bench_trl import cpu_model  # noqa: E402
 def pair_by_pair(q, k, v, mask, spans):
     return torch.cat([F.scaled_dot_product_attention(q[:, :, b:e], k[:, :, b:e], v[:, :, b:e],
                                                      attn_mask=mask[:, :, b:e, b:e]) for b, e in spans], dim=2)
+
+
+def sdpa_inner(module, q, k, v, mask, **kwargs):
+    """transformers' sdpa attention function as pairwise_attention calls it: output (1, n, heads, D), None."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2), None
+
+
+def math_backward_pair_by_pair(q, k, v, mask, spans):
+    """What training runs on CPU in 16 bit: sdpa's forward per pair, precompute.attention_backward's backward."""
+    attend = precompute.SdpaMathBackward.apply
+    return torch.cat([attend(q[:, :, b:e], k[:, :, b:e], v[:, :, b:e], mask[:, :, b:e, b:e], sdpa_inner, None, {})
+                      .transpose(1, 2) for b, e in spans], dim=2)
 
 
 def eager(q, k, v, mask):
@@ -145,7 +159,9 @@ def main():
           f"{max(e - b for b, e in row.spans)}), {heads} heads of {dim}, {config.num_hidden_layers} layers", flush=True)
     inputs = (q, k, v, mask, row.spans)
     reference = pair_by_pair(*inputs)
-    variants = [("pair by pair (the scripts)", pair_by_pair), ("one call: padded pairs", padded_pairs),
+    variants = [("pair by pair (the scripts)", pair_by_pair), ("pair by pair, math backward",
+                                                               math_backward_pair_by_pair),
+                ("one call: padded pairs", padded_pairs),
                 ("one call: whole row", whole_row), ("eager, pair by pair", eager_pair_by_pair),
                 ("eager, one call: padded pairs", eager_padded_pairs)]
     try:

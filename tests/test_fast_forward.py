@@ -225,3 +225,85 @@ def test_smollm2_real_pairs_equal_plain_forward(smollm2):
         fast, plain = precompute.pair_logps(model, pairs), plain_logps(model, pairs)
     for f, p in zip(fast, plain):
         torch.testing.assert_close(f, p, rtol=1e-5, atol=2e-4)
+
+
+def eager_attention(query, key, value, mask, scale):
+    """softmax(scale q k^T where mask, else -inf) v with each key/value head repeated for its query heads (as
+    transformers' repeat_kv): the formula precompute.attention_backward differentiates, left to autograd here."""
+    groups = query.shape[1] // key.shape[1]
+    k, v = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
+    scores = (query @ k.transpose(-1, -2) * scale).masked_fill(~mask, -torch.inf)
+    return (torch.softmax(scores, dim=-1) @ v).transpose(1, 2)  # (1, n, heads, D) as transformers returns it
+
+
+def test_attention_backward_equals_autograd_of_the_formula():
+    """In float64 the hand-written backward gives autograd's gradients of the attention formula, with grouped
+    key/value heads, a scale other than 1/sqrt(D) and a packed row's mask (prefix sharing, two pairs)."""
+    pairs = [(Encoded([1, 2, 3, 4, 5], 2, False), Encoded([1, 2, 6, 7], 2, False)),
+             (Encoded([7, 8, 9], 1, False), Encoded([7, 3], 1, False))]
+    row = precompute.pack_row(pairs)
+    mask = precompute.attention_mask(tiny_llama("sdpa").config, row)
+    g = torch.Generator().manual_seed(0)
+    n, scale = row.input_ids.shape[1], 0.3
+    query, key, value = (torch.randn(1, h, n, 8, generator=g, dtype=torch.float64, requires_grad=True)
+                         for h in (6, 2, 2))
+    out = eager_attention(query, key, value, mask, scale)
+    grad = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    out.backward(grad)
+    mine = precompute.attention_backward(query.detach(), key.detach(), value.detach(), mask, out.detach(), grad, scale)
+    for got, x in zip(mine, (query, key, value)):
+        assert got.shape == x.shape
+        torch.testing.assert_close(got, x.grad, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma3"])
+def test_math_backward_lora_gradients_equal_plain_forward(name, monkeypatch):
+    """The attention backward that training runs on CPU in 16 bit (precompute.SdpaMathBackward), turned on here in
+    float32 so that it can be held to float32 rounding: the LoRA gradients of the MRPO loss equal those of a plain
+    forward, the log-probs are the same bits as the flash backward's run (its forward is sdpa's own), and it ran.
+    Every layer's attention scale is set to 0.2, not 1/sqrt(D), so the scale must reach the backward."""
+    model = lora(MODELS[name]("sdpa"))
+    for module in model.modules():
+        if hasattr(module, "scaling") and hasattr(module, "q_proj"):
+            module.scaling = 0.2
+    pairs = random_pairs(model.config.vocab_size, seed=1)[:6]
+    g = torch.Generator().manual_seed(2)
+    ref_chosen, ref_rejected = torch.randn(2, len(pairs), generator=g) - 30, torch.randn(2, len(pairs), generator=g) - 30
+    calls = []
+    backward = precompute.attention_backward
+    monkeypatch.setattr(precompute, "attention_backward", lambda *a: calls.append(1) or backward(*a))
+    results = []
+    for forward, dtypes in ((precompute.pair_logps, ()), (precompute.pair_logps, (torch.float32,)), (plain_logps, ())):
+        monkeypatch.setattr(precompute, "MATH_BACKWARD", {"cpu": dtypes})
+        model.zero_grad(set_to_none=True)
+        pc, pr = forward(model, pairs)
+        mrpo.mrpo_loss(pc, pr, ref_chosen, ref_rejected, beta=0.1)[0].mean().backward()
+        results.append((pc.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
+        assert len(calls) == (len(results) >= 2) * model.config.num_hidden_layers * len(pairs)  # one per pair, layer
+    (flash, flash_grads), (math, math_grads), (plain, plain_grads) = results
+    assert torch.equal(math, flash)
+    for n in plain_grads:
+        torch.testing.assert_close(math_grads[n], plain_grads[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_math_backward_runs_only_when_it_is_differentiated():
+    """In bf16 on CPU: SdpaMathBackward under gradients, sdpa alone under no_grad (precompute, eval), and the same
+    log-prob bits either way, the exact start."""
+    model = lora(tiny_llama("sdpa").to(torch.bfloat16))
+    pairs = random_pairs(model.config.vocab_size, seed=3)[:3]
+    with torch.no_grad():
+        cached = precompute.pair_logps(model, pairs)
+    first = precompute.pair_logps(model, pairs)
+    assert all(torch.equal(a, b.detach()) for a, b in zip(cached, first))
+    assert _reaches(first[0].grad_fn, "SdpaMathBackward") and not _reaches(first[0].grad_fn, "Flash")
+    first[0].sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
+
+
+def _reaches(fn, name, seen=None):
+    """Whether the autograd graph below fn holds a node whose name contains `name`."""
+    seen = set() if seen is None else seen
+    if fn is None or fn in seen:
+        return False
+    seen.add(fn)
+    return name in type(fn).__name__ or any(_reaches(f, name, seen) for f, _ in fn.next_functions)
