@@ -159,10 +159,9 @@ def main():
           f"{max(e - b for b, e in row.spans)}), {heads} heads of {dim}, {config.num_hidden_layers} layers", flush=True)
     inputs = (q, k, v, mask, row.spans)
     reference = pair_by_pair(*inputs)
-    variants = [("pair by pair (the scripts)", pair_by_pair), ("pair by pair, math backward",
-                                                               math_backward_pair_by_pair),
-                ("one call: padded pairs", padded_pairs),
-                ("one call: whole row", whole_row), ("eager, pair by pair", eager_pair_by_pair),
+    variants = [("pair by pair, sdpa", pair_by_pair), ("pair by pair, math backward", math_backward_pair_by_pair),
+                ("one call: padded pairs", padded_pairs), ("one call: whole row", whole_row),
+                ("eager, pair by pair", eager_pair_by_pair),
                 ("eager, one call: padded pairs", eager_padded_pairs)]
     try:
         variants.append(("one call: flex, block mask", flex_variant(row, args.device)))

@@ -4,6 +4,7 @@
     python bench/profile_step.py --dtypes bf16 --row-pairs 1 --threads 16
     python bench/profile_step.py --dtypes bf16 --compile                 # torch.compile of the decoder layers
     python bench/profile_step.py --dtypes bf16 --attention eager         # transformers' eager attention per pair
+    python bench/profile_step.py --dtypes bf16 --flash-backward          # sdpa's own backward in bf16 too
     python bench/profile_step.py --device cuda --model Qwen/Qwen2.5-7B-Instruct --dtypes bf16
 
 The step is train.py's: precompute.response_logps over the pairs of one batch (in rows of --row-pairs pairs, shared
@@ -14,7 +15,8 @@ as many again under torch.profiler (which slows them: the shares are of the prof
 (self time, so nothing is counted twice) goes to one category:
 
 - matmul: aten::mm, addmm, bmm, matmul and the 4-bit kernels (the dense work);
-- attention: scaled_dot_product_attention and the kernels it dispatches to (flash, math), flex attention;
+- attention: scaled_dot_product_attention and the kernels it dispatches to (flash, math), flex attention (the
+  16-bit CPU backward, precompute.attention_backward, is matrix multiplies and a softmax: matmul, elementwise);
 - log-softmax: the output layer's log_softmax, its backward and the gather of the targets;
 - optimizer: AdamW's kernels and gradient clipping (foreach / fused);
 - elementwise: every other aten operator (norms, RoPE, SiLU, casts, copies, index, cat);
@@ -78,6 +80,9 @@ def main():
     group.add_argument("--attention", default="sdpa", choices=["sdpa", "eager"], help="the attention each pair runs "
                        "with: torch's scaled_dot_product_attention (the default of the scripts) or transformers' eager "
                        "one (q k^T, a float32 softmax, times v)")
+    group.add_argument("--flash-backward", action="store_true", help="differentiate sdpa by its own flash backward in "
+                       "16 bit on CPU too, as fp32 does (empties precompute.MATH_BACKWARD; the scripts' 16-bit CPU "
+                       "training uses precompute.attention_backward)")
     group.add_argument("--compile", action="store_true", help="torch.compile every decoder layer (dynamic shapes; "
                        "the attention between pairs stays eager), to see what it saves and whether the start stays "
                        "exact; with it the fused kernels count as overhead")
@@ -94,6 +99,8 @@ def main():
     print(f"profile_step: {cpu} (AMX: {'yes' if amx else 'no'}), {args.threads} threads, {args.device}, "
           f"{'glibc default malloc' if args.default_malloc else 'keep_freed_memory'}; "
           + (f"measured bf16 matmul peak {peak / 1e12:.2f} TFLOP/s" if peak else ""), flush=True)
+    if args.flash_backward:
+        precompute.MATH_BACKWARD = {}
     if args.compile:  # the pair-by-pair attention stays eager (a Python loop over the row's spans)
         precompute.pairwise_attention = torch.compiler.disable(precompute.pairwise_attention)
     for dtype in args.dtypes:
@@ -164,7 +171,8 @@ def main():
         flops = step_flops(model.get_base_model(), encoded)[0]
         seconds = statistics.median(times)
         line = " | ".join(f"{name} {shares[name] / total:.0%}" for name in CATEGORIES)
-        run = dtype + (" compiled" if args.compile else "") + (", eager attention" if args.attention == "eager" else "")
+        run = dtype + (" compiled" if args.compile else "") + (", flash backward" if args.flash_backward else "") \
+            + (", eager attention" if args.attention == "eager" else "")
         print(f"{run}: {seconds:.3f} s/step (median of {args.steps}), "
               f"{flops / 1e9:.0f} GFLOP/step" + (f", {flops / seconds / peak:.1%} of the bf16 peak" if peak else "")
               + f" | profiled ({total / sum(times):.2f}x the time): {line} | outside matmul "
