@@ -19,8 +19,9 @@ grades are not all equal), after training:
   the policy's start (0.5 before training, exactly);
 * time per run (training and evaluation).
 
-Resumable: each run writes OUT/runs/METHOD-sSEED/result.json when done (and its evaluation beside it); run the same command again after a kill and
-finished runs are skipped, an interrupted one starts again. The table goes to stdout and to --results (JSON).
+Resumable: each run writes OUT/runs/METHOD-sSEED/result.json when done (and its evaluation beside it); run the
+same command again after a kill and finished runs are skipped, an interrupted one starts again. The table goes to
+stdout and to --results (JSON).
 """
 
 import argparse
