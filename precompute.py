@@ -567,7 +567,8 @@ def pairwise_attention(module, query, key, value, attention_mask, pair_spans=Non
     pair_spans [(begin, end)] from pack_row. No token sees another pair, so each pair's block is computed alone by
     the attention the model was loaded with (sdpa or eager): what the pairs cost alone, not the square of the row.
     Without pair_spans (generation, plain forwards) it is that attention on the whole input. When sdpa's backward
-    will run on a device and dtype of MATH_BACKWARD, each pair's is SdpaMathBackward's instead.
+    will run on a device and dtype of MATH_BACKWARD, that of each pair of at most MATH_BACKWARD_TOKENS tokens is
+    SdpaMathBackward's instead.
     """
     impl = module.config._attn_implementation.removeprefix("pairwise_")
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -577,20 +578,23 @@ def pairwise_attention(module, query, key, value, attention_mask, pair_spans=Non
     math_backward = (impl == "sdpa" and torch.is_grad_enabled() and any(x.requires_grad for x in (query, key, value))
                      and query.dtype in MATH_BACKWARD.get(query.device.type, ()) and not kwargs.get("dropout")
                      and kwargs.get("s_aux") is None)  # attention sinks (gpt-oss) are not in its formula
-    attend = (lambda q, k, v, mask: SdpaMathBackward.apply(q, k, v, mask, inner, module, kwargs)) if math_backward \
-        else lambda q, k, v, mask: inner(module, q, k, v, mask, **kwargs)[0]
-    out = [attend(query[:, :, b:e], key[:, :, b:e], value[:, :, b:e], attention_mask[:, :, b:e, b:e])
-           for b, e in pair_spans]  # each (1, e - b, heads, D)
-    return torch.cat(out, dim=1), None
+
+    def attend(b, e):  # the pair's tokens b:e -> (1, e - b, heads, D)
+        q, k, v, mask = query[:, :, b:e], key[:, :, b:e], value[:, :, b:e], attention_mask[:, :, b:e, b:e]
+        if math_backward and e - b <= MATH_BACKWARD_TOKENS:
+            return SdpaMathBackward.apply(q, k, v, mask, inner, module, kwargs)
+        return inner(module, q, k, v, mask, **kwargs)[0]
+    return torch.cat([attend(b, e) for b, e in pair_spans], dim=1), None
 
 
 MATH_BACKWARD = {"cpu": (torch.bfloat16, torch.float16)}  # device type -> dtypes whose sdpa backward is slow there
+MATH_BACKWARD_TOKENS = 256  # pairs longer than this keep sdpa's backward: P's n^2 passes cost more (bench/README.md)
 
 
 class SdpaMathBackward(torch.autograd.Function):
     """One pair's sdpa attention: the forward is the model's own sdpa call (the same bits as without gradients, so
     the exact start holds), the backward attention_backward's matrix multiplies. On CPU PyTorch's 16-bit flash
-    attention backward takes about nine times its forward; this one about a third of that (bench/README.md)."""
+    attention backward takes about nine times its forward; for pairs of up to about 250 tokens this one less."""
 
     @staticmethod
     def forward(ctx, query, key, value, mask, inner, module, kwargs):

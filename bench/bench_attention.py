@@ -138,6 +138,9 @@ def main():
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (CPU)")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls of each variant")
+    parser.add_argument("--block-lengths", type=int, nargs="*", default=[100, 200, 300, 400, 800], help="then one "
+                        "causal block of each length: sdpa's backward against the math one (the length at which "
+                        "precompute.MATH_BACKWARD_TOKENS switches)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     precompute.keep_freed_memory()
@@ -180,6 +183,13 @@ def main():
             print(f"{line} | max |diff| {diff:.2g} | {kernel(fn, inputs)}", flush=True)
         except Exception as e:
             print(f"  {name:28} cannot run here ({type(e).__name__}: {str(e).splitlines()[0][:120]})", flush=True)
+    for n in args.block_lengths:  # one pair of n tokens, a causal mask: where the math backward stops paying
+        block = [torch.randn(1, heads, n, dim, device=args.device, dtype=q.dtype) for _ in range(3)]
+        block.append(torch.ones(n, n, dtype=torch.bool, device=args.device).tril()[None, None])
+        flash, math = (timed(fn, block + [[(0, n)]], args.repeats, backward=True)[0] for fn in
+                       (pair_by_pair, math_backward_pair_by_pair))
+        print(f"  one pair of {n:4} tokens: forward + backward, sdpa {flash * 1e3:7.2f} ms, math backward "
+              f"{math * 1e3:7.2f} ms ({math / flash:.2f}x)", flush=True)
 
 
 if __name__ == "__main__":

@@ -300,6 +300,25 @@ def test_math_backward_runs_only_when_it_is_differentiated():
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
 
 
+def test_math_backward_only_for_pairs_up_to_its_length(monkeypatch):
+    """A pair longer than precompute.MATH_BACKWARD_TOKENS keeps sdpa's own backward, a shorter one in the same row
+    gets SdpaMathBackward's; the log-probs are the same bits either way."""
+    model = lora(tiny_llama("sdpa").to(torch.bfloat16))
+    pairs = random_pairs(model.config.vocab_size, seed=3)[:3]
+    lengths = sorted(e - b for b, e in precompute.pack_row(pairs).spans)  # 24, 35, 36 tokens
+    calls = []
+    backward = precompute.attention_backward
+    monkeypatch.setattr(precompute, "attention_backward", lambda *a: calls.append(1) or backward(*a))
+    monkeypatch.setattr(precompute, "MATH_BACKWARD_TOKENS", lengths[0])  # only the shortest pair (and its equals)
+    first = precompute.pair_logps(model, pairs, row_tokens=1 << 20)  # one row
+    with torch.no_grad():
+        cached = precompute.pair_logps(model, pairs, row_tokens=1 << 20)
+    assert all(torch.equal(a.detach(), b) for a, b in zip(first, cached))
+    assert _reaches(first[0].grad_fn, "SdpaMathBackward") and _reaches(first[0].grad_fn, "Flash")
+    (first[0].sum() + first[1].sum()).backward()
+    assert len(calls) == model.config.num_hidden_layers * lengths.count(lengths[0])
+
+
 def _reaches(fn, name, seen=None):
     """Whether the autograd graph below fn holds a node whose name contains `name`."""
     seen = set() if seen is None else seen
