@@ -27,12 +27,11 @@ setup, and why (this is the one list; the README links here):
 - Proposition 2 as printed does not hold for every input: it holds exactly for the geometric-mean reference, and for
   the harmonic one when J(rejected) >= J(chosen) (resp. <=), see prop2_bound; CTRO bounds how far it can fail.
 - Non-finite reference log-probs raise ValueError: a reference that gives a response probability 0 is a data error.
-- The scripts: truncation (the prompt's end, then the response's start, as in the DPO reference code) is decided per
-  response, not per pair, so that precompute.py and train.py encode a response alike; base-model dropout is off in
-  training and a batch is whole rows of the cache, so the policy starts at reference 1 exactly (docs/exact-start.md);
-  peft's prepare_model_for_kbit_training is not used (its fp32 upcast of a 4-bit model moves that start); a tie (a
-  margin under 1e-4 nats) counts half in rewards/accuracies, not as wrong as in TRL, so a policy equal to its
-  reference scores 0.5; the CPU demo uses lr 5e-4, as the paper's 1e-5 barely moves a 135M model in minutes.
+- The scripts: truncation (the prompt's end, then the response's start, as in the DPO reference code) is per
+  response, so precompute.py and train.py encode a response alike; base-model dropout is off and a batch is whole
+  rows of the cache, so the policy starts at reference 1 exactly (docs/exact-start.md), and no fp32 upcast of a 4-bit
+  model (peft's prepare_model_for_kbit_training) moves that start; a tie (margin < 1e-4 nats) counts half in
+  rewards/accuracies (TRL: wrong); the CPU demo uses lr 5e-4 (the paper's 1e-5 barely moves a 135M model).
 """
 
 import torch
@@ -298,23 +297,10 @@ TIE_NATS = 1e-4  # a margin under this many nats is a tie: float noise, e.g. bet
 
 def reward_accuracy(chosen_rewards, rejected_rewards, beta=1.0, tol=TIE_NATS):
     r"""Preference accuracy (TRL's rewards/accuracies) per pair, from rewards (B,) with their beta or log-probs with
-    beta = 1: 1/2 for a tie, a margin under tol nats, so that a policy equal to its reference scores 0.5, not 0.
-
-    .. math::
-        \mathrm{acc} = \mathbb{1}[m \ge \tau] + \tfrac12\,\mathbb{1}[|m| < \tau],
-        \qquad m = (r(x, y_w) - r(x, y_l)) / \beta
-    """
+    beta = 1: 1/2 for a tie, a margin under tol nats, so that a policy equal to its reference scores 0.5, not 0:
+    acc = 1[m >= tol] + 1[|m| < tol] / 2, with m = (r(x, y_w) - r(x, y_l)) / beta."""
     margin = (chosen_rewards.float() - rejected_rewards.float()) / beta  # (B,) in nats
     return torch.where(margin.abs() < tol, 0.5, (margin > 0).float())  # (B,) float32; the mean is the accuracy
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Proposition 2: when is the MRPO gradient larger (or smaller) than Multi-DPO's?
-
-def jensen_gap(neg_logps, alpha):
-    r"""J_alpha(a) = logsumexp_k(log alpha_k + a_k) - sum_k alpha_k a_k >= 0, for a_k = -log pi_k(y|x) (nats): zero
-    iff all a_k with alpha_k > 0 are equal, at most max_k a_k - min_k a_k. neg_logps, alpha: (K, B) -> (B,)."""
-    return torch.logsumexp(torch.log(alpha) + neg_logps, dim=0) - (alpha * neg_logps).sum(0)
 
 
 def prop2_bound(ref_chosen_logps, ref_rejected_logps, alpha):
@@ -331,8 +317,11 @@ def prop2_bound(ref_chosen_logps, ref_rejected_logps, alpha):
     (c) With CTRO every a_k lies in [(1-eps_w) a_1, (1+eps_w) a_1] (likewise b) and J(x) <= max x - min x, so
         |J(b) - J(a)| <= 2 max(eps_w a_1, eps_l b_1) =: delta; sigmoid being 1/4-Lipschitz, the printed inequalities
         hold up to beta delta / 4, exactly at eps = 0. Returns J(b) - J(a), (B,): d_tilde's shift, divided by beta.
+    Here J_alpha(a) = logsumexp_k(log alpha_k + a_k) - sum_k alpha_k a_k >= 0 (Jensen's gap of log-sum-exp), zero
+    iff all a_k with alpha_k > 0 are equal, at most max_k a_k - min_k a_k.
     """
-    return jensen_gap(-ref_rejected_logps, alpha) - jensen_gap(-ref_chosen_logps, alpha)
+    gap = lambda a: torch.logsumexp(torch.log(alpha) + a, dim=0) - (alpha * a).sum(0)  # noqa: E731  J_alpha, (B,)
+    return gap(-ref_rejected_logps) - gap(-ref_chosen_logps)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -353,8 +342,7 @@ def _margins(ref_chosen_logps, ref_rejected_logps, validation=False):
 
 def _normalise(scores, like=None):
     """Scores (K,) >= 0 -> weights (K,) summing to 1 (in like's dtype and device); all 0 -> uniform 1/K."""
-    total = scores.sum()
-    alpha = scores / total if total > 0 else torch.full_like(scores, 1.0 / scores.shape[0])
+    alpha = scores / scores.sum() if scores.sum() > 0 else torch.full_like(scores, 1.0 / scores.shape[0])
     return alpha if like is None else alpha.to(like.device, like.dtype)
 
 
@@ -397,16 +385,13 @@ class SlidingWindowWeights:
 
     def __init__(self, K, window=1):
         if K < 1 or window < 1:
-            raise ValueError(f"SlidingWindowWeights needs K >= 1 references and window >= 1 batches, "
-                             f"got K={K}, window={window}")
+            raise ValueError(f"SlidingWindowWeights needs K >= 1 and window >= 1, got K={K}, window={window}")
         self.K, self.window = K, window
         self.sums, self.counts = [], []  # per batch of the window, oldest first: [sum_i |m_k(i)| for k], its pairs
 
     def confidence(self):
         """c_k: mean |m_k| per pair over the window, (K,) float64; zeros before any update."""
-        if sum(self.counts) == 0:
-            return torch.zeros(self.K, dtype=torch.float64)
-        return torch.tensor(self.sums, dtype=torch.float64).sum(0) / sum(self.counts)  # (K,)
+        return torch.tensor(self.sums or [[0.0] * self.K], dtype=torch.float64).sum(0) / max(1, sum(self.counts))
 
     def alpha(self, dtype=torch.float32):
         """alpha (K,) for the coming step, from the batches already passed to update()."""
@@ -449,34 +434,28 @@ class ThompsonSamplingWeights:
         if K < 1 or not (a0 > 0 and b0 > 0):
             raise ValueError(f"ThompsonSamplingWeights needs K >= 1 and a Beta prior with both parameters > 0, "
                              f"got K={K}, prior={tuple(prior)}")
-        self.K, self.prior = K, (a0, b0)
-        self.a, self.b = [a0] * K, [b0] * K  # posterior Beta(a_k, b_k) per reference
+        self.K, self.prior, self.a, self.b = K, (a0, b0), [a0] * K, [b0] * K  # a, b: Beta(a_k, b_k) per reference
         self.generator = torch.Generator().manual_seed(seed)
 
-    def sample(self):
-        """theta_k ~ Beta(a_k, b_k), (K,) float64, from this object's generator alone: the global RNG is restored."""
+    def choose(self, dtype=torch.float32):
+        """-> (k*, alpha): the reference to train against this step and its one-hot weights (K,). theta is drawn from
+        this object's generator alone: the global RNG is left as it was."""
         seed = int(torch.randint(0, 2**62, (), generator=self.generator))
         with torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(seed)
-            a, b = torch.tensor(self.a, dtype=torch.float64), torch.tensor(self.b, dtype=torch.float64)
-            return torch.distributions.Beta(a, b).sample()
-
-    def choose(self, dtype=torch.float32):
-        """-> (k*, alpha): the reference to train against this step and its one-hot weights (K,)."""
-        k = int(self.sample().argmax())  # TSW
+            theta = torch.distributions.Beta(*(torch.tensor(x, dtype=torch.float64) for x in (self.a, self.b))).sample()
+        k = int(theta.argmax())  # TSW
         return k, F.one_hot(torch.tensor(k), self.K).to(dtype)
 
     def update(self, k, reward):
         """Bernoulli reward for the reference chosen this step: success adds 1 to a_k, failure 1 to b_k."""
         if not 0 <= int(k) < self.K or reward not in (True, False):
-            raise ValueError(f"update(k, reward) needs 0 <= k < K={self.K} and a bool (or 0/1) reward, "
-                             f"got k={k!r}, reward={reward!r}")
+            raise ValueError(f"update(k, reward) needs 0 <= k < K={self.K} and a bool reward, got {k!r}, {reward!r}")
         (self.a if reward else self.b)[int(k)] += 1.0
 
     def posterior_mean(self):
         """E[theta_k] = a_k / (a_k + b_k), (K,) float64: each reference's estimated chance of helping a step."""
-        a, b = torch.tensor(self.a, dtype=torch.float64), torch.tensor(self.b, dtype=torch.float64)
-        return a / (a + b)
+        return torch.tensor([a / (a + b) for a, b in zip(self.a, self.b)], dtype=torch.float64)
 
     def state_dict(self):
         return {"K": self.K, "prior": self.prior, "a": list(self.a), "b": list(self.b),
@@ -599,10 +578,9 @@ def mrpo_set_loss(policy_logps, ref_logps, scores, mask, beta, alpha="arwc", eps
 
 
 def set_pairs(scores, mask, mode="all"):
-    """The pairs of each set for the pair losses: (set_idx, better_idx, worse_idx), LongTensors (P,). mode "all":
-    every ordered pair of real responses with r_i > r_j, by set, then i, then j; "best_worst": a set's best against
-    its worst (the lowest index among ties). Sets without preference give none. For mrpo_loss:
-    pc, pr = policy_logps[s, w], policy_logps[s, l] and rc, rr = ref_logps[:, s, w], ref_logps[:, s, l]."""
+    """The pairs of each set for the pair losses: (s, w, l), LongTensors (P,) of set, better and worse indices: "all",
+    every pair of real responses with r_i > r_j, by set, then i, then j; "best_worst", a set's best against its worst
+    (the lowest index among ties); none from a tie. mrpo_loss then takes policy_logps[s, w], ref_logps[:, s, w], ..."""
     scores, best, worst = _set_scores(scores, mask)
     if mode == "all":
         better = mask[:, :, None] & mask[:, None, :] & (scores[:, :, None] > scores[:, None, :])  # (B, N, N): i > j
