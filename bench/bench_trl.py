@@ -73,18 +73,21 @@ def cpu_model():
 
 
 def step_flops(model, encoded_pairs):
-    """(FLOPs of one training step, tokens computed, tokens of the sequences) on these pairs; see the docstring."""
+    """(FLOPs of one training step, tokens computed, tokens of the sequences) on these pairs (or sets: the prompt
+    once, every response after it); see the docstring."""
     config = model.config
     decoder = model.get_decoder()
     linear = sum(m.weight.numel() for m in decoder.modules() if isinstance(m, torch.nn.Linear))
     width = config.num_attention_heads * getattr(config, "head_dim", config.hidden_size // config.num_attention_heads)
     computed = sequences = keys = scored = 0
-    for c, r in encoded_pairs:
-        P = precompute.shared_prefix(c, r)
-        computed += len(c.ids) + len(r.ids) - P
-        sequences += len(c.ids) + len(r.ids)
-        keys += sum(p + 1 for p in range(len(c.ids))) + sum(p + 1 for p in range(P, len(r.ids)))  # causal keys
-        scored += len(c.ids) - max(c.start, 1) + len(r.ids) - max(r.start, 1)
+    for group in encoded_pairs:
+        P = precompute.shared_prefix(*group)
+        for j, e in enumerate(group):
+            first = 0 if j == 0 else P  # the shared prompt is computed with the first response only
+            computed += len(e.ids) - first
+            sequences += len(e.ids)
+            keys += sum(p + 1 for p in range(first, len(e.ids)))  # causal keys of each computed token
+            scored += len(e.ids) - max(e.start, 1)
     forward = (2 * linear * computed + 4 * width * keys * config.num_hidden_layers
                + 2 * config.vocab_size * config.hidden_size * scored)
     return 2 * forward, computed, sequences

@@ -6,13 +6,16 @@
     python bench/profile_step.py --dtypes bf16 --attention eager         # transformers' eager attention per pair
     python bench/profile_step.py --dtypes bf16 --flash-backward          # sdpa's own backward in bf16 too
     python bench/profile_step.py --device cuda --model Qwen/Qwen2.5-7B-Instruct --dtypes bf16
+    python bench/profile_step.py --data data/mt-bench-sets/train.jsonl --batch-size 4 --row-pairs 1 \
+        --max-length 320 --max-prompt-length 128 --dtypes bf16          # 4 sets of 4 answers, as compare_sets.py
 
 The step is train.py's: precompute.response_logps over the pairs of one batch (in rows of --row-pairs pairs, shared
-prompts, the output layer at scored positions only), mrpo.dpo_loss against reference log-probs, backward, gradient
-clipping and the AdamW step of the LoRA weights, under the autocast train.py uses, after precompute.keep_freed_memory
-as every script starts (--default-malloc: without it). After two warmup steps a few steps are timed as they run, then
-as many again under torch.profiler (which slows them: the shares are of the profiled time); each operator's own time
-(self time, so nothing is counted twice) goes to one category:
+prompts, the output layer at scored positions only), mrpo.dpo_loss against reference log-probs (sets of scored
+answers: mrpo.mpo_loss), backward, gradient clipping and the AdamW step of the LoRA weights, under the autocast
+train.py uses, after precompute.keep_freed_memory as every script starts (--default-malloc: without it). After two
+warmup steps a few steps are timed as they run, then as many again under torch.profiler (which slows them: the
+shares are of the profiled time); each operator's own time (self time, so nothing is counted twice) goes to one
+category:
 
 - matmul: aten::mm, addmm, bmm, matmul and the 4-bit kernels (the dense work);
 - attention: scaled_dot_product_attention and the kernels it dispatches to (flash, math), flex attention (the
@@ -68,9 +71,13 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     group = parser.add_argument_group("Data")
     group.add_argument("--data", default=os.path.join(ROOT, "data", "hh-rlhf-harmless", "train.jsonl"),
-                       help="JSONL preference pairs (default: the bundled multi-turn hh-rlhf pairs)")
-    group.add_argument("--batch-size", type=int, default=8, help="pairs per step")
-    group.add_argument("--row-pairs", type=int, default=8, help="pairs per forward (train.py: the cache's rows)")
+                       help="JSONL preference pairs or sets of scored answers (default: the bundled multi-turn hh-rlhf "
+                       "pairs)")
+    group.add_argument("--batch-size", type=int, default=8, help="pairs (or sets) per step")
+    group.add_argument("--row-pairs", type=int, default=8, help="pairs (or sets) per forward (train.py: the cache's "
+                       "rows)")
+    group.add_argument("--max-length", type=int, default=512, help="tokens of a prompt and response (truncation)")
+    group.add_argument("--max-prompt-length", type=int, default=256, help="tokens of a prompt (truncation)")
     group = parser.add_argument_group("Model")
     group.add_argument("--model", default="smollm2", help="policy model spec (alias, hub id, directory, .gguf)")
     group.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=["bf16", "fp32"])
@@ -95,7 +102,8 @@ def main():
     from peft import LoraConfig, get_peft_model
     cpu, amx = cpu_model()
     peak = bf16_peak() if args.device == "cpu" else None
-    pairs = precompute.read_pairs(args.data)[:args.batch_size]
+    kind, pairs = precompute.read_data(args.data)
+    pairs = pairs[:args.batch_size]
     print(f"profile_step: {cpu} (AMX: {'yes' if amx else 'no'}), {args.threads} threads, {args.device}, "
           f"{'glibc default malloc' if args.default_malloc else 'keep_freed_memory'}; "
           + (f"measured bf16 matmul peak {peak / 1e12:.2f} TFLOP/s" if peak else ""), flush=True)
@@ -118,24 +126,29 @@ def main():
         model.train()
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=1e-6)
-        encoded = precompute.encode_pairs(tokenizer, pairs)
+        encoded = precompute.encode_pairs(tokenizer, pairs, args.max_length, args.max_prompt_length)
         rows = precompute.chunks(list(range(len(encoded))), args.row_pairs)
+        width = max(len(group) for group in encoded)  # W: 2 for pairs, the largest set
+        mask = torch.tensor([[j < len(group) for j in range(width)] for group in encoded])  # (B, W)
+        scores = torch.tensor([precompute.padded(torch.tensor(row["scores"], dtype=torch.float32), width).tolist()
+                               for row in pairs]) if kind == "sets" else None  # (B, W)
         t0 = time.perf_counter()
         with torch.no_grad(), precompute.autocast(args.device, dtype):  # as precompute.py scores reference 1
-            ref = torch.cat([precompute.response_logps(model, [encoded[i] for i in r]) for r in rows])  # (2B,)
+            ref = torch.cat([precompute.response_table(model, [encoded[i] for i in r], width) for r in rows])  # (B, W)
         first_forward = time.perf_counter() - t0
 
         def step():
-            """One optimizer step; returns the policy's summed log-probs (2B,) in the order of ref."""
+            """One optimizer step; returns the policy's summed log-probs (B, W) in the order of ref."""
             out = []
             for r in rows:
                 with precompute.autocast(args.device, dtype):
-                    sums = precompute.response_logps(model, [encoded[i] for i in r])  # (2 * pairs of the row,)
-                idx = torch.tensor([2 * i for i in r])  # the row's chosen in ref; rejected at idx + 1
-                # a reference 1 nat below the policy on y_w, so that the loss is not at its ln 2 start
-                loss, _, _ = mrpo.dpo_loss(sums[0::2], sums[1::2], ref[idx] - 1, ref[idx + 1], 0.1)
+                    table = precompute.response_table(model, [encoded[i] for i in r], width)  # (pairs of the row, W)
+                if kind == "sets":
+                    loss = mrpo.mpo_loss(table, ref[r], scores[r], mask[r], 0.1)[0]
+                else:  # a reference 1 nat below the policy on y_w, so that the loss is not at its ln 2 start
+                    loss = mrpo.dpo_loss(table[:, 0], table[:, 1], ref[r, 0] - 1, ref[r, 1], 0.1)[0]
                 (loss.sum() / len(encoded)).backward()
-                out.append(sums.detach())
+                out.append(table.detach())
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -172,7 +185,7 @@ def main():
         seconds = statistics.median(times)
         line = " | ".join(f"{name} {shares[name] / total:.0%}" for name in CATEGORIES)
         run = dtype + (" compiled" if args.compile else "") + (", flash backward" if args.flash_backward else "") \
-            + (", eager attention" if args.attention == "eager" else "")
+            + (", eager attention" if args.attention == "eager" else "") + (f", {kind}" if kind == "sets" else "")
         print(f"{run}: {seconds:.3f} s/step (median of {args.steps}), "
               f"{flops / 1e9:.0f} GFLOP/step" + (f", {flops / seconds / peak:.1%} of the bf16 peak" if peak else "")
               + f" | profiled ({total / sum(times):.2f}x the time): {line} | outside matmul "
