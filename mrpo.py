@@ -342,7 +342,8 @@ def _margins(ref_chosen_logps, ref_rejected_logps, validation=False):
 
 def _normalise(scores, like=None):
     """Scores (K,) >= 0 -> weights (K,) summing to 1 (in like's dtype and device); all 0 -> uniform 1/K."""
-    alpha = scores / scores.sum() if scores.sum() > 0 else torch.full_like(scores, 1.0 / scores.shape[0])
+    total = scores.sum()
+    alpha = scores / total if total > 0 else torch.full_like(scores, 1.0 / scores.shape[0])
     return alpha if like is None else alpha.to(like.device, like.dtype)
 
 
@@ -391,7 +392,9 @@ class SlidingWindowWeights:
 
     def confidence(self):
         """c_k: mean |m_k| per pair over the window, (K,) float64; zeros before any update."""
-        return torch.tensor(self.sums or [[0.0] * self.K], dtype=torch.float64).sum(0) / max(1, sum(self.counts))
+        if sum(self.counts) == 0:
+            return torch.zeros(self.K, dtype=torch.float64)
+        return torch.tensor(self.sums, dtype=torch.float64).sum(0) / sum(self.counts)  # (K,)
 
     def alpha(self, dtype=torch.float32):
         """alpha (K,) for the coming step, from the batches already passed to update()."""
@@ -434,7 +437,8 @@ class ThompsonSamplingWeights:
         if K < 1 or not (a0 > 0 and b0 > 0):
             raise ValueError(f"ThompsonSamplingWeights needs K >= 1 and a Beta prior with both parameters > 0, "
                              f"got K={K}, prior={tuple(prior)}")
-        self.K, self.prior, self.a, self.b = K, (a0, b0), [a0] * K, [b0] * K  # a, b: Beta(a_k, b_k) per reference
+        self.K, self.prior = K, (a0, b0)
+        self.a, self.b = [a0] * K, [b0] * K  # posterior Beta(a_k, b_k) per reference
         self.generator = torch.Generator().manual_seed(seed)
 
     def choose(self, dtype=torch.float32):

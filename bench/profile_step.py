@@ -130,8 +130,8 @@ def main():
         rows = precompute.chunks(list(range(len(encoded))), args.row_pairs)
         width = max(len(group) for group in encoded)  # W: 2 for pairs, the largest set
         mask = torch.tensor([[j < len(group) for j in range(width)] for group in encoded])  # (B, W)
-        scores = torch.tensor([precompute.padded(torch.tensor(row["scores"], dtype=torch.float32), width).tolist()
-                               for row in pairs]) if kind == "sets" else None  # (B, W)
+        scores = torch.tensor([row["scores"] + [0.0] * (width - len(row["scores"])) for row in pairs],
+                              dtype=torch.float32) if kind == "sets" else None  # (B, W), 0 in masked slots
         t0 = time.perf_counter()
         with torch.no_grad(), precompute.autocast(args.device, dtype):  # as precompute.py scores reference 1
             ref = torch.cat([precompute.response_table(model, [encoded[i] for i in r], width) for r in rows])  # (B, W)
