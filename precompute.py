@@ -58,7 +58,7 @@ import torch
 import mrpo
 
 DEFAULT_REFS = ["smollm2", "gemma3"]
-CACHE_FORMAT = "mrpo-refs-v2"
+CACHE_FORMAT = {"pairs": "mrpo-refs-v2", "sets": "mrpo-refs-v3"}  # by kind of data (sets: SPLIT_TOKENS)
 ROW_TOKENS = 4096  # pair_logps splits what it is given into forwards of at most this many tokens
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 FIELDS = {"pairs": ("prompt", "chosen", "rejected"), "sets": ("prompt", "completions", "scores")}  # of a row
@@ -478,7 +478,12 @@ class PackedRow(NamedTuple):
     predictors: torch.Tensor  # (n,) row positions whose output predicts a scored token
     targets: torch.Tensor  # (n,) the scored tokens
     sequence: torch.Tensor  # (n,) which response of the row each scored token belongs to (0, 1, ... in order)
-    spans: list  # [(begin, end)] the row offsets of each pair, in order
+    spans: list  # [(begin, end)] the row offsets of each pair (or set), in order
+    blocks: list  # [(begin, end, prompt)] the attention calls, in order: tokens begin:end attend to themselves and,
+    # for a later response of a split set, to the set's prompt, row offsets prompt = (begin, end); otherwise None
+
+
+SPLIT_TOKENS = 256  # a set of more than two responses packed longer than this is attended response by response
 
 
 def pack_row(encoded_pairs):
@@ -487,12 +492,17 @@ def pack_row(encoded_pairs):
     Token t of a pair's first sequence sits at row offset t of the pair; token t >= P of each later one after the
     sequences before it, at its own offset + t - P (P = shared_prefix); token t is predicted by the output at token
     t-1 of the same sequence, which for t = P is the last shared token. Tokens t >= max(start, 1) are scored.
+    A pair is one attention block; a set longer than SPLIT_TOKENS one per response: its first sequence, then each
+    later response against the prompt and itself (its own square, not the set's: docs/packing.md).
     """
-    ids, pos, pair, branch, predictors, targets, sequence, spans, count = [], [], [], [], [], [], [], [], 0
+    ids, pos, pair, branch, predictors, targets, sequence, spans, blocks, count = [], [], [], [], [], [], [], [], [], 0
     for i, group in enumerate(encoded_pairs):
         P, base = shared_prefix(*group), len(ids)
+        split = len(group) > 2 and _packed_length(group) > SPLIT_TOKENS
         for j, e in enumerate(group):
             at = base if j == 0 else len(ids) - P  # token t >= P of this sequence sits at at + t
+            if split:
+                blocks.append((len(ids), len(ids) + len(e.ids) - (P if j else 0), (base, base + P) if j else None))
             ids += e.ids if j == 0 else e.ids[P:]
             pos += list(range(0 if j == 0 else P, len(e.ids)))
             branch += [0] * P + [j + 1] * (len(e.ids) - P) if j == 0 else [j + 1] * (len(e.ids) - P)
@@ -502,10 +512,11 @@ def pack_row(encoded_pairs):
                 sequence.append(count + j)
         pair += [i] * (len(ids) - base)
         spans.append((base, len(ids)))
+        blocks += [] if split else [(base, len(ids), None)]
         count += len(group)
     long = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731
     return PackedRow(long([ids]), long([pos]), long(pair), long(branch), long(predictors), long(targets),
-                     long(sequence), spans)
+                     long(sequence), spans, blocks)
 
 
 def attention_mask(config, row):
@@ -560,39 +571,42 @@ def pair_rows(encoded_pairs, row_tokens):
     return rows
 
 
-def pairwise_attention(module, query, key, value, attention_mask, pair_spans=None, **kwargs):
-    """The attention of a packed row, one pair at a time: the attention implementation pair_logps installs.
+def pairwise_attention(module, query, key, value, attention_mask, attention_blocks=None, **kwargs):
+    """The attention of a packed row, one block at a time: the attention implementation pair_logps installs.
 
     query (1, heads, L, D), key and value (1, kv_heads, L, D), attention_mask (1, 1, L, L) from attention_mask(),
-    pair_spans [(begin, end)] from pack_row. No token sees another pair, so each pair's block is computed alone by
-    the attention the model was loaded with (sdpa or eager): what the pairs cost alone, not the square of the row.
-    Without pair_spans (generation, plain forwards) it is that attention on the whole input. When sdpa's backward
-    will run on a device and dtype of MATH_BACKWARD, that of each pair of at most MATH_BACKWARD_TOKENS tokens is
-    SdpaMathBackward's instead.
+    attention_blocks PackedRow.blocks. No token sees another pair, so each block (a pair, or one response of a split
+    set with its prompt's keys) is computed alone by the attention the model was loaded with (sdpa or eager): what
+    the pairs cost alone, not the square of the row. Without blocks (generation, plain forwards) it is that attention
+    on the whole input. When sdpa's backward will run on a device and dtype of MATH_BACKWARD, that of each block of
+    at most MATH_BACKWARD_TOKENS keys is SdpaMathBackward's instead.
     """
     impl = module.config._attn_implementation.removeprefix("pairwise_")
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
     inner = ALL_ATTENTION_FUNCTIONS.get_interface(impl, sys.modules[type(module).__module__].eager_attention_forward)
-    if pair_spans is None:
+    if attention_blocks is None:
         return inner(module, query, key, value, attention_mask, **kwargs)
     math_backward = (impl == "sdpa" and torch.is_grad_enabled() and any(x.requires_grad for x in (query, key, value))
                      and query.dtype in MATH_BACKWARD.get(query.device.type, ()) and not kwargs.get("dropout")
                      and kwargs.get("s_aux") is None)  # attention sinks (gpt-oss) are not in its formula
 
-    def attend(b, e):  # the pair's tokens b:e -> (1, e - b, heads, D)
+    def attend(b, e, prompt):  # the block's tokens b:e -> (1, e - b, heads, D)
         q, k, v, mask = query[:, :, b:e], key[:, :, b:e], value[:, :, b:e], attention_mask[:, :, b:e, b:e]
-        if math_backward and e - b <= MATH_BACKWARD_TOKENS:
+        if prompt is not None:  # a later response of a set: the prompt's keys, then its own
+            k, v = (torch.cat([x[:, :, prompt[0]:prompt[1]], x[:, :, b:e]], dim=2) for x in (key, value))
+            mask = torch.cat([attention_mask[:, :, b:e, prompt[0]:prompt[1]], mask], dim=-1)
+        if math_backward and k.shape[2] <= MATH_BACKWARD_TOKENS:
             return SdpaMathBackward.apply(q, k, v, mask, inner, module, kwargs)
         return inner(module, q, k, v, mask, **kwargs)[0]
-    return torch.cat([attend(b, e) for b, e in pair_spans], dim=1), None
+    return torch.cat([attend(*block) for block in attention_blocks], dim=1), None
 
 
 MATH_BACKWARD = {"cpu": (torch.bfloat16, torch.float16)}  # device type -> dtypes whose sdpa backward is slow there
-MATH_BACKWARD_TOKENS = 256  # pairs longer than this keep sdpa's backward: P's n^2 passes cost more (bench/README.md)
+MATH_BACKWARD_TOKENS = 256  # blocks of more keys keep sdpa's backward: P's n^2 passes cost more (bench/README.md)
 
 
 class SdpaMathBackward(torch.autograd.Function):
-    """One pair's sdpa attention: the forward is the model's own sdpa call (the same bits as without gradients, so
+    """One block's sdpa attention: the forward is the model's own sdpa call (the same bits as without gradients, so
     the exact start holds), the backward attention_backward's matrix multiplies. On CPU PyTorch's 16-bit flash
     attention backward takes about nine times its forward; for pairs of up to about 250 tokens this one less."""
 
@@ -610,15 +624,15 @@ class SdpaMathBackward(torch.autograd.Function):
 
 def attention_backward(query, key, value, mask, out, grad, scale):
     """Gradients (query, key, value) of out = softmax(scale q k^T where mask, else -inf) v for the output gradient
-    grad: query (1, heads, n, D), key and value (1, kv_heads, n, D) shared by heads / kv_heads query heads each (as
-    transformers' repeat_kv), mask (1, 1, n, n) bool, out and grad (1, n, heads, D). The probabilities P are
+    grad: query (1, heads, m, D), key and value (1, kv_heads, n, D) shared by heads / kv_heads query heads each (as
+    transformers' repeat_kv), mask (1, 1, m, n) bool, out and grad (1, m, heads, D). The probabilities P are
     recomputed in float32 (or float64); dS = P * (dP - rowsum(dO * O)), the rule flash attention's backward uses."""
     groups, wide = query.shape[1] // key.shape[1], torch.promote_types(query.dtype, torch.float32)
     k, v = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)  # (1, heads, n, D)
     grad, out = grad.transpose(1, 2), out.transpose(1, 2)  # (1, heads, n, D)
     p = torch.softmax((query @ k.transpose(-1, -2)).to(wide).mul_(scale).masked_fill_(~mask, -torch.inf), dim=-1)
     dv = p.to(value.dtype).transpose(-1, -2) @ grad  # (1, heads, n, D)
-    dp = (grad @ v.transpose(-1, -2)).to(wide)  # (1, heads, n, n)
+    dp = (grad @ v.transpose(-1, -2)).to(wide)  # (1, heads, m, n)
     ds = p.mul_(dp.sub_((grad.to(wide) * out.to(wide)).sum(-1, keepdim=True))).mul_(scale).to(query.dtype)
     per_kv_head = lambda x: x.unflatten(1, (key.shape[1], groups)).sum(2)  # noqa: E731  sum over its query heads
     return ds @ k, per_kv_head(ds.transpose(-1, -2) @ query), per_kv_head(dv)
@@ -651,8 +665,8 @@ def response_logps(model, encoded_pairs, row_tokens=ROW_TOKENS):
 
     Exactly what a forward of each sequence alone gives, on fewer tokens: each pair's shared prompt runs once with
     both responses after it (prefix sharing), the pairs are packed into forwards of at most row_tokens tokens (no
-    padding) with attention pair by pair (pairwise_attention), and the output layer runs only where a scored token
-    is predicted. model: a causal LM, or a peft wrapper of one (its LoRA layers sit inside the decoder).
+    padding) with attention pair by pair, a long set's response by response (pairwise_attention), and the output
+    layer runs only where a scored token is predicted. model: a causal LM, or a peft wrapper of one (its LoRA layers sit inside the decoder).
     """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     use_pairwise_attention(base)
@@ -666,7 +680,8 @@ def response_logps(model, encoded_pairs, row_tokens=ROW_TOKENS):
         mask = attention_mask(base.config, row)
         mask = {k: m.to(device) for k, m in mask.items()} if isinstance(mask, dict) else mask.to(device)
         hidden = decoder(input_ids=row.input_ids.to(device), position_ids=row.position_ids.to(device),
-                         attention_mask=mask, pair_spans=row.spans, use_cache=False).last_hidden_state[0]  # (L, H)
+                         attention_mask=mask, attention_blocks=row.blocks, use_cache=False)
+        hidden = hidden.last_hidden_state[0]  # (L, H)
         logps = token_logps(base, hidden[row.predictors.to(device)], row.targets.to(device))  # (n,)
         sequence = torch.tensor([k for i in idx for k in range(first[i], first[i + 1])])[row.sequence]  # into sums
         sums = sums.index_add(0, sequence.to(device), logps)
@@ -778,9 +793,10 @@ def load_cache(path, pairs, data_path=None):
         raise CacheMismatchError(f"{path}: no reference cache; fix: python precompute.py --data "
                                  f"{data_path or 'DATA.jsonl'} --out {path}")
     tensors, meta = _read_safetensors(path, f"fix: rebuild it with python precompute.py --data {data_path} ...")
-    if meta.get("format") != CACHE_FORMAT:
+    expected = CACHE_FORMAT.get(meta.get("kind", "pairs"))
+    if meta.get("format") != expected:
         raise CacheMismatchError(f"{path}: not an mrpo reference cache of this version (format {meta.get('format')!r}"
-                                 f", expected {CACHE_FORMAT!r}); fix: rebuild it with precompute.py")
+                                 f", expected {expected!r}); fix: rebuild it with precompute.py")
     refs = " ".join(r["name"] for r in json.loads(meta.get("refs", "[]")))
     hint = f"python precompute.py --data {data_path or meta.get('data', 'DATA.jsonl')} --refs {refs} --out {path}"
     _check_cache(path, tensors, meta, hint)
@@ -810,8 +826,8 @@ def write_cache(path, kind, columns, refs, rows, row_pairs, fingerprints, data):
     tensors (stored as (K, N) chosen_/rejected_ columns for pairs, as (K, N, W) for sets), refs the K identities,
     rows the canonical rows (lists of pair indices) of row_pairs pairs, fingerprints the N rows' (pair_fingerprint),
     data the --data it was made from."""
-    metadata = {"format": CACHE_FORMAT, "fingerprints": json.dumps(fingerprints), "refs": json.dumps(refs),
-                "data": data, "row_pairs": str(row_pairs), "kind": kind}
+    metadata = {"format": CACHE_FORMAT[kind], "fingerprints": json.dumps(fingerprints),
+                "refs": json.dumps(refs), "data": data, "row_pairs": str(row_pairs), "kind": kind}
     tensors = {name: torch.stack(values) for name, values in columns.items()}  # (K, N, W) each
     if kind == "pairs":  # W = 2 is (chosen, rejected)
         tensors = {f"{side}_{n}": tensors[n][..., j] for n in tensors for j, side in enumerate(("chosen", "rejected"))}
@@ -890,7 +906,8 @@ def score_reference(k, spec, pairs, fingerprints, rows, args, budget):
            "truncated_rows": sum(any(e.truncated for e in g) for g in encoded),
            "straddled_rows": sum(any(e.straddled for e in g) for g in encoded)}
     batches = rows if k == 0 else chunks(length_order(encoded), args.batch_size)
-    key = {"ref": json.dumps(ref, sort_keys=True), "rows": _sha(json.dumps(fingerprints)),
+    key = {"format": CACHE_FORMAT["sets" if "completions" in pairs[0] else "pairs"],
+           "ref": json.dumps(ref, sort_keys=True), "rows": _sha(json.dumps(fingerprints)),
            "batches": _sha(json.dumps(batches))}
     (rank, world), directory = rank_and_world(), args.out + ".partial"
     width = max(len(g) for g in encoded)

@@ -8,6 +8,7 @@
     python bench/profile_step.py --device cuda --model Qwen/Qwen2.5-7B-Instruct --dtypes bf16
     python bench/profile_step.py --data data/mt-bench-sets/train.jsonl --batch-size 4 --row-pairs 1 \
         --max-length 320 --max-prompt-length 128 --dtypes bf16          # 4 sets of 4 answers, as compare_sets.py
+    python bench/profile_step.py --data data/mt-bench-sets/train.jsonl ... --split-tokens 100000  # each set whole
 
 The step is train.py's: precompute.response_logps over the pairs of one batch (in rows of --row-pairs pairs, shared
 prompts, the output layer at scored positions only), mrpo.dpo_loss against reference log-probs (sets of scored
@@ -93,6 +94,9 @@ def main():
     group.add_argument("--compile", action="store_true", help="torch.compile every decoder layer (dynamic shapes; "
                        "the attention between pairs stays eager), to see what it saves and whether the start stays "
                        "exact; with it the fused kernels count as overhead")
+    group.add_argument("--split-tokens", type=int, default=precompute.SPLIT_TOKENS, help="sets of more than two "
+                       "answers packed longer than this are attended answer by answer (precompute.SPLIT_TOKENS, "
+                       "default %(default)s); a larger value attends each set in one block")
     group.add_argument("--default-malloc", action="store_true", help="leave glibc's allocator as it is (the scripts "
                        "call precompute.keep_freed_memory at their start; this shows the step without it)")
     args = parser.parse_args()
@@ -109,6 +113,7 @@ def main():
           + (f"measured bf16 matmul peak {peak / 1e12:.2f} TFLOP/s" if peak else ""), flush=True)
     if args.flash_backward:
         precompute.MATH_BACKWARD = {}
+    precompute.SPLIT_TOKENS = args.split_tokens
     if args.compile:  # the pair-by-pair attention stays eager (a Python loop over the row's spans)
         precompute.pairwise_attention = torch.compiler.disable(precompute.pairwise_attention)
     for dtype in args.dtypes:
@@ -185,7 +190,8 @@ def main():
         seconds = statistics.median(times)
         line = " | ".join(f"{name} {shares[name] / total:.0%}" for name in CATEGORIES)
         run = dtype + (" compiled" if args.compile else "") + (", flash backward" if args.flash_backward else "") \
-            + (", eager attention" if args.attention == "eager" else "") + (f", {kind}" if kind == "sets" else "")
+            + (", eager attention" if args.attention == "eager" else "") + (f", {kind}" if kind == "sets" else "") \
+            + (f", split over {args.split_tokens} tokens" if kind == "sets" else "")
         print(f"{run}: {seconds:.3f} s/step (median of {args.steps}), "
               f"{flops / 1e9:.0f} GFLOP/step" + (f", {flops / seconds / peak:.1%} of the bf16 peak" if peak else "")
               + f" | profiled ({total / sum(times):.2f}x the time): {line} | outside matmul "

@@ -175,6 +175,101 @@ def test_layout_of_a_packed_row():
     assert mask[7].tolist() == [False] * 7 + [True, False]  # pair 1's rejected token 6 sees itself only
 
 
+def random_sets(vocab, seed=0):
+    """Sets of 3 and 4 responses: a shared prompt, prompts that differ near the end (truncation), a one-token and an
+    empty response, and a pair among them (a pair is never split)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def ids(n):
+        return torch.randint(1, vocab, (n,), generator=g).tolist()
+
+    p, q = ids(16), ids(10)
+    return [(Encoded(p + ids(7), 16, False), Encoded(p + ids(12), 16, False), Encoded(p + ids(1), 16, False)),
+            (Encoded(q + ids(5), 10, False), Encoded(q[:8] + ids(4), 8, True), Encoded(q + ids(9), 10, False),
+             Encoded(q, 10, True)),
+            (Encoded(p[:6] + ids(4), 6, False), Encoded(p[:6] + ids(3), 6, False))]
+
+
+def plain_set_logps(model, groups):
+    """Every response of every set alone (plain_logps's reference for sets): (responses,) in order."""
+    out = []
+    for e in (e for group in groups for e in group):
+        logps = torch.log_softmax(model(input_ids=torch.tensor([e.ids])).logits[0].float(), dim=-1)
+        out.append(sum((logps[t - 1, e.ids[t]] for t in range(max(e.start, 1), len(e.ids))), torch.tensor(0.0)))
+    return torch.stack(out)
+
+
+def test_layout_of_a_split_set(monkeypatch):
+    """Hand-checked: a set of three over a 2-token prompt, split; its first sequence is one block, each later
+    response another whose keys are the prompt's and its own; the pair after it stays one block."""
+    monkeypatch.setattr(precompute, "SPLIT_TOKENS", 0)
+    groups = [(Encoded([1, 2, 3, 4], 2, False), Encoded([1, 2, 5], 2, False), Encoded([1, 2, 6, 7], 2, False)),
+              (Encoded([8, 9], 1, False), Encoded([8, 3], 1, False))]
+    row = precompute.pack_row(groups)
+    assert row.input_ids.tolist() == [[1, 2, 3, 4, 5, 6, 7, 8, 9, 3]]
+    assert row.spans == [(0, 7), (7, 10)]
+    assert row.blocks == [(0, 4, None), (4, 5, (0, 2)), (5, 7, (0, 2)), (7, 10, None)]
+    monkeypatch.setattr(precompute, "SPLIT_TOKENS", 7)  # the set's packed length: not longer, not split
+    assert precompute.pack_row(groups).blocks == [(0, 7, None), (7, 10, None)]
+
+
+@pytest.mark.parametrize("split", [0, 33, 10_000])  # every set split (packed 36 and 32 tokens), the longer one, none
+def test_blocks_hold_every_key_a_query_may_see(split, monkeypatch):
+    """Each token is the query of exactly one block, and every key the row's mask lets it see is among that block's
+    keys: a block computed alone is the row's attention restricted to it."""
+    monkeypatch.setattr(precompute, "SPLIT_TOKENS", split)
+    row = precompute.pack_row(random_sets(96) + random_pairs(96)[:3])
+    allowed = precompute.attention_mask(tiny_llama("sdpa").config, row)[0, 0]  # (L, L)
+    covered = torch.zeros_like(allowed)
+    for begin, end, prompt in row.blocks:
+        covered[begin:end, begin:end] = True
+        if prompt is not None:
+            covered[begin:end, prompt[0]:prompt[1]] = True
+    queries = [q for begin, end, _ in row.blocks for q in range(begin, end)]
+    assert queries == list(range(row.input_ids.shape[1]))
+    assert not (allowed & ~covered).any()
+    assert sum(p is not None for *_, p in row.blocks) == {0: 5, 33: 2, 10_000: 0}[split]
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("name", ["llama", "gemma3"])
+@pytest.mark.parametrize("split", [0, 10_000])
+def test_set_logps_equal_plain_forward(name, attn, split, monkeypatch):
+    """Sets, split response by response or whole, give each response's log-probs alone (Gemma 3: with its window)."""
+    monkeypatch.setattr(precompute, "SPLIT_TOKENS", split)
+    model = MODELS[name](attn)
+    groups = random_sets(model.config.vocab_size)
+    with torch.no_grad():
+        torch.testing.assert_close(precompute.response_logps(model, groups), plain_set_logps(model, groups),
+                                   rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma3"])
+def test_split_set_lora_gradients_equal_plain_forward(name, monkeypatch):
+    """The MPO loss's LoRA gradients through split sets, with the math backward on (in float32, as in
+    test_math_backward_lora_gradients_equal_plain_forward) over its rectangular blocks, equal a plain forward's."""
+    monkeypatch.setattr(precompute, "SPLIT_TOKENS", 0)
+    model = lora(MODELS[name]("sdpa"))
+    groups = random_sets(model.config.vocab_size, seed=4)[:2]
+    mask = torch.tensor([[True, True, True, False], [True] * 4])
+    scores = torch.tensor([[3.0, 1.0, 2.0, 0.0], [1.0, 4.0, 2.0, 3.0]])
+    ref = torch.randn(2, 4, generator=torch.Generator().manual_seed(5)) - 20
+    shapes, backward = [], precompute.attention_backward
+    monkeypatch.setattr(precompute, "attention_backward", lambda q, k, *a: shapes.append((q.shape[2], k.shape[2]))
+                        or backward(q, k, *a))
+    grads = []
+    for forward, dtypes in ((precompute.response_logps, (torch.float32,)), (plain_set_logps, ())):
+        monkeypatch.setattr(precompute, "MATH_BACKWARD", {"cpu": dtypes})
+        model.zero_grad(set_to_none=True)
+        table = torch.stack([precompute.padded(x, 4) for x in forward(model, groups).split([3, 4])])  # (2, 4)
+        mrpo.mpo_loss(table, ref, scores, mask, beta=0.1)[0].sum().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    assert max(g.abs().max() for g in grads[1].values()) > 1e-4
+    assert any(queries < keys for queries, keys in shapes)  # a later response against the prompt's keys and its own
+    for n in grads[1]:
+        torch.testing.assert_close(grads[0][n], grads[1][n], rtol=1e-4, atol=1e-6, msg=n)
+
+
 def lora(model):
     from peft import LoraConfig, get_peft_model
     model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj",

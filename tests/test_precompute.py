@@ -136,8 +136,8 @@ def test_length_order_covers_every_pair_once_longest_first():
 def make_cache(path, pairs, K=2, data="data/x.jsonl"):
     chosen, rejected = -torch.rand(K, len(pairs)), -torch.rand(K, len(pairs)) - 1
     refs = [{"name": f"ref{k}"} for k in range(K)]
-    meta = {"format": precompute.CACHE_FORMAT, "fingerprints": json.dumps([pair_fingerprint(p) for p in pairs]),
-            "refs": json.dumps(refs), "data": data, "row_pairs": "1"}
+    meta = {"format": precompute.CACHE_FORMAT["pairs"], "refs": json.dumps(refs), "data": data, "row_pairs": "1",
+            "fingerprints": json.dumps([pair_fingerprint(p) for p in pairs])}
     tokens = torch.ones(K, len(pairs))
     precompute._write_safetensors(str(path), {"chosen_logps": chosen, "rejected_logps": rejected, "rows":
                                               torch.arange(len(pairs)), "chosen_tokens": tokens,
@@ -172,6 +172,11 @@ def test_mismatched_cache_is_refused(tmp_path, pairs_small):
         load_cache(path, pairs_small + pairs_small[:1])
     precompute._write_safetensors(path, {"chosen_logps": torch.zeros(1, 8)}, {"format": "other"})
     with pytest.raises(CacheMismatchError, match="not an mrpo reference cache"):
+        load_cache(path, pairs_small)
+    # sets are attended otherwise than when the pairs' format was written: a sets cache of that format is refused
+    precompute._write_safetensors(path, {"logps": torch.zeros(1, 8, 3)}, {"format": precompute.CACHE_FORMAT["pairs"],
+                                                                          "kind": "sets"})
+    with pytest.raises(CacheMismatchError, match=f"expected '{precompute.CACHE_FORMAT['sets']}'"):
         load_cache(path, pairs_small)
 
 
