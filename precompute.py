@@ -666,7 +666,8 @@ def response_logps(model, encoded_pairs, row_tokens=ROW_TOKENS):
     Exactly what a forward of each sequence alone gives, on fewer tokens: each pair's shared prompt runs once with
     both responses after it (prefix sharing), the pairs are packed into forwards of at most row_tokens tokens (no
     padding) with attention pair by pair, a long set's response by response (pairwise_attention), and the output
-    layer runs only where a scored token is predicted. model: a causal LM, or a peft wrapper of one (its LoRA layers sit inside the decoder).
+    layer runs only where a scored token is predicted. model: a causal LM, or a peft wrapper of one (its LoRA
+    layers sit inside the decoder).
     """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     use_pairwise_attention(base)
