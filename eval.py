@@ -33,9 +33,10 @@ import torch
 from tqdm import tqdm
 
 import mrpo
-from precompute import (InputError, atomic_write, autocast, check_flags, check_paths, check_same_format, fail, gather,
-                        default_cache_dir, encode_pairs, finish_distributed, generation_prompt, init_distributed,
-                        load_cache, load_model, parse_alpha, read_data, resolve_device, response_table)
+from precompute import (InputError, atomic_write, autocast, check_flags, check_paths, check_same_format, compile_layers,
+                        default_cache_dir, encode_pairs, fail, finish_distributed, gather, generation_prompt,
+                        init_distributed, load_cache, load_model, parse_alpha, read_data, resolve_device,
+                        response_table)
 
 RANKING = ("pairwise_accuracy", "top1_accuracy", "kendall_tau_b")  # of a set (mrpo.set_ranking_metrics)
 
@@ -54,6 +55,8 @@ arg("--policies", "--adapters", dest="adapters", nargs="+", default=["base"], he
     "adapters (train.py's --out-dir), models with an adapter merged in")
 arg("--dtype", choices=["bf16", "fp32"], default="fp32", help="weights and autocast dtype")
 arg("--load-in-4bit", action="store_true", help="load the base model in 4 bit (bitsandbytes NF4)")
+arg("--compile", action="store_true", help="torch.compile each decoder layer, as precompute.py --compile scored the "
+    "cache (then the base row is exact); generation stays eager")
 arg("--cache-dir", default=default_cache_dir(), help="where precompute.py caches converted models")
 arg("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda ...")
 arg = parser.add_argument_group("Reward").add_argument
@@ -127,6 +130,8 @@ for path in lora_dirs:
         fail(f"--adapters {path}: its LoRA weights are not all finite, so every number of it would be made up; fix: "
              f"retrain it (train.py stops before saving non-finite weights)")
 model.eval()
+for m in [model, *merged.values()] if args.compile else []:
+    compile_layers(m)
 
 @contextlib.contextmanager
 def policy(path):
@@ -192,14 +197,14 @@ if args.generate:
         input_ids = torch.tensor([generation_prompt(tokenizer, row["prompt"], ref1["max_length"],  # the model's format
                                                     ref1["max_prompt_length"], args.max_new_tokens)], device=device)
         for path in ["base"] + [p for p in args.adapters if p != "base"]:
-            with policy(path) as pi, autocast(device, args.dtype):
+            with policy(path) as pi, autocast(device, args.dtype), torch.compiler.set_stance("force_eager"):
                 out = pi.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False,
                                   max_new_tokens=args.max_new_tokens, pad_token_id=tokenizer.eos_token_id)
             row[path] = tokenizer.decode(out[0, input_ids.shape[1]:], skip_special_tokens=True)
     with atomic_write(generations_path, "w") as f:
         f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
 
-report = {**{k: getattr(args, k) for k in ("data", "refs", "dtype", "load_in_4bit", "beta", "alpha", "eps_max", "eps")},
+report = {**{k: getattr(args, k) for k in ("data", "refs", "dtype", "load_in_4bit", "compile", "beta", "alpha", "eps_max", "eps")},
           "clip": not args.no_clip, "pairs": N, "model": spec, "policies": results, "references": references,
           "generations": generations_path}
 with atomic_write(args.out, "w") as f:

@@ -649,9 +649,23 @@ def use_pairwise_attention(model):
                          f"load the model with attn_implementation='sdpa' (the default) or 'eager'")
     from transformers import AttentionInterface, AttentionMaskInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
-    AttentionInterface.register("pairwise_" + impl, pairwise_attention)
+    AttentionInterface.register("pairwise_" + impl, torch.compiler.disable(pairwise_attention))  # eager if compiled
     AttentionMaskInterface.register("pairwise_" + impl, ALL_MASK_ATTENTION_FUNCTIONS[impl])  # masks for generation
     model.set_attn_implementation("pairwise_" + impl)
+
+
+def compile_layers(model):
+    """--compile: torch.compile each decoder layer of model (a causal LM or its peft wrapper), shapes dynamic; the
+    attention between pairs stays eager. Inductor rounds every 16-bit result as eager does (emulate_precision_casts),
+    so a layer's no-grad graph and its training graph give the same bits, LoRA at B = 0 or none: a policy trained
+    compiled starts exactly at a reference 1 scored compiled. Fused kernels round otherwise than eager ones, so all
+    three scripts take --compile, or none (docs/exact-start.md)."""
+    import torch._inductor.config
+    torch._inductor.config.emulate_precision_casts = True
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    use_pairwise_attention(base)
+    for layer in base.get_decoder().layers:
+        layer.compile(dynamic=True)
 
 
 def pair_logps(model, encoded_pairs, row_tokens=ROW_TOKENS):
@@ -840,9 +854,9 @@ def quantization(load_in_4bit=False, load_in_8bit=False):
     return "4bit" if load_in_4bit else "8bit" if load_in_8bit else "none"
 
 
-def model_identity(spec, tokenizer, dtype, quant, source=None):
+def model_identity(spec, tokenizer, dtype, quant, source=None, compiled=False):
     """What a cached log-prob depends on: name, source, tokenizer (a hash of its vocabulary, special tokens and the
-    ids of a probe text), chat template, dtype, quantization."""
+    ids of a probe text), chat template, dtype, quantization, and whether its layers ran compiled."""
     template = getattr(tokenizer, "chat_template", None)
     probe = tokenizer("Question: What is 12 + 7?\nAnswer: 19. Paris, naïve café; 東京.").input_ids
     vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
@@ -851,7 +865,7 @@ def model_identity(spec, tokenizer, dtype, quant, source=None):
                                                                                  ensure_ascii=False)),
             "chat_template_sha256": _sha(template) if template else None,
             "format": "chat_template" if template else "plain", "bos_token_id": tokenizer.bos_token_id,
-            "eos_token_id": tokenizer.eos_token_id, "dtype": dtype, "quantization": quant}
+            "eos_token_id": tokenizer.eos_token_id, "dtype": dtype, "quantization": quant, "compiled": compiled}
 
 
 def check_same_format(spec, tokenizer, ref1, cache_path):
@@ -902,7 +916,7 @@ def score_reference(k, spec, pairs, fingerprints, rows, args, budget):
     tokenizer = load_tokenizer(spec, args.cache_dir)
     encoded = encode_pairs(tokenizer, pairs, args.max_length, args.max_prompt_length, args.data)
     ref = {**model_identity(spec, tokenizer, args.dtype, quantization(args.load_in_4bit, args.load_in_8bit),
-                            source_identity(spec, args.cache_dir)), "max_length": args.max_length,
+                            source_identity(spec, args.cache_dir), args.compile), "max_length": args.max_length,
            "max_prompt_length": args.max_prompt_length, "batch_size": args.batch_size,
            "truncated_rows": sum(any(e.truncated for e in g) for g in encoded),
            "straddled_rows": sum(any(e.straddled for e in g) for g in encoded)}
@@ -919,6 +933,8 @@ def score_reference(k, spec, pairs, fingerprints, rows, args, budget):
     if todo[rank::world]:
         from tqdm import tqdm
         model, _ = load_model(spec, args.dtype, args.load_in_4bit, args.load_in_8bit, args.device, args.cache_dir)
+        if args.compile:
+            compile_layers(model)
         partial = os.path.join(directory, f"ref{k}.safetensors" if world == 1 else f"ref{k}.rank{rank}.safetensors")
         t0 = time.time()
         for b in tqdm(todo[rank::world], desc=spec, unit="batch", dynamic_ncols=True, disable=rank != 0):
@@ -958,10 +974,10 @@ def _scored(args, pairs):
         old = load_cache(args.out, pairs, args.data) if os.path.isfile(args.out) else None
     except InputError:  # another data file's cache, or a damaged one: scored again, as without --export-trl
         return False
-    fields = ("name", "dtype", "quantization", "max_length", "max_prompt_length")
+    fields = ("name", "dtype", "quantization", "max_length", "max_prompt_length", "compiled")
     want = [(s, args.dtype, quantization(args.load_in_4bit, args.load_in_8bit), args.max_length,
-             args.max_prompt_length) for s in args.refs]
-    return bool(old) and [tuple(r[f] for f in fields) for r in old["refs"]] == want and \
+             args.max_prompt_length, args.compile) for s in args.refs]
+    return bool(old) and [tuple(r.get(f, False) for f in fields) for r in old["refs"]] == want and \
         args.row_pairs in (None, old["row_pairs"])
 
 
@@ -1006,6 +1022,9 @@ def parse_args():
                        help="weights dtype (bf16 also runs under bf16 autocast); log-probs are float32 either way")
     group.add_argument("--load-in-4bit", action="store_true", help="load references in 4 bit (bitsandbytes NF4)")
     group.add_argument("--load-in-8bit", action="store_true", help="load references in 8 bit (bitsandbytes)")
+    group.add_argument("--compile", action="store_true", help="torch.compile each decoder layer: faster on long runs, "
+                       "after up to a minute of compiling (cached on disk); train.py and eval.py then take --compile "
+                       "too, for the exact start")
     group.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1 ...")
     group.add_argument("--cache-dir", default=default_cache_dir(),
                        help="where GGUF models are cached as safetensors (default: $MRPO_CACHE or ~/.cache/mrpo)")

@@ -50,7 +50,7 @@ from tqdm import tqdm
 
 import mrpo
 from precompute import (InputError, atomic_write, autocast, check_flags, check_paths, check_same_format, chunks,
-                        default_cache_dir, encode_pairs, fail, finish_distributed, gather, init_distributed,
+                        compile_layers, default_cache_dir, encode_pairs, fail, finish_distributed, gather, init_distributed,
                         load_cache, load_model, load_tokenizer, parse_alpha, quantization, read_data, resolve_device,
                         response_table)
 
@@ -75,6 +75,8 @@ arg("--model", help="policy base model (default: reference 1 of --refs), with re
 arg("--dtype", choices=["bf16", "fp32"], default="fp32", help="base model weights and autocast (LoRA, log-probs: fp32)")
 arg("--load-in-4bit", action="store_true", help="load the base model in 4 bit (bitsandbytes NF4): QLoRA")
 arg("--grad-checkpointing", action="store_true", help="recompute activations in backward (less memory)")
+arg("--compile", action="store_true", help="torch.compile each decoder layer (as precompute.py --compile scored "
+    "reference 1: then the start is exact); up to a minute of compiling, cached on disk")
 arg("--cache-dir", default=default_cache_dir(), help="where precompute.py caches converted models")
 arg = parser.add_argument_group("LoRA").add_argument
 arg("--lora-r", type=int, default=16, help="LoRA rank")
@@ -157,6 +159,8 @@ refuse([(args.no_clip and args.eps is not None, f"--eps {args.eps} sets the CTRO
         (args.loss == "dpo" and args.alpha not in ("arwc", "tsw"), f"--loss dpo uses one reference (the first of "
          f"--use-refs), so --alpha {args.alpha} would weigh nothing; fix: --loss mrpo, multi_dpo or mean_ref with "
          f"--alpha {args.alpha}, or --use-refs K for DPO against reference K"),
+        (args.compile and args.grad_checkpointing, "--compile and --grad-checkpointing do not go together (the layers' "
+         "recomputed forward would be traced inside the compiled backward); fix: drop one"),
         (args.resume and args.overwrite, "--resume continues the run in --out-dir, --overwrite deletes it; fix: "
          "choose one"),
         (args.label_smoothing and args.loss_type in ("ipo", "hinge"), f"--label-smoothing is the flip rate of "
@@ -297,6 +301,8 @@ model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alp
 for module in model.modules():  # under bf16 autocast peft's float32 cast of each LoRA input changes no value
     if hasattr(module, "cast_input_dtype_enabled"):
         module.cast_input_dtype_enabled = args.dtype != "bf16"
+if args.compile:
+    compile_layers(model)
 params = [p for p in model.parameters() if p.requires_grad]
 if world > 1:  # every rank starts from rank 0's LoRA weights (they are seeded alike anyway; DDP does the same)
     for p in params:
@@ -306,7 +312,7 @@ config = {**vars(args), "model": spec, "device": str(device), "K": K, "N": N, "r
           "use_refs_names": names, "fixed_alpha": alpha.tolist() if torch.is_tensor(alpha) else alpha,
           "steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "torch": torch.__version__,
           "trainable_params": sum(p.numel() for p in params), "world_size": world}
-RUN_FLAGS = {"resume", "overwrite", "stop_after", "eval_every", "log_every", "save_every", "device",
+RUN_FLAGS = {"resume", "overwrite", "stop_after", "eval_every", "log_every", "save_every", "device", "compile",
              "no_eval_at_start"}  # the flags that may change when a run is resumed
 metrics_path = os.path.join(args.out_dir, "metrics.jsonl")
 
@@ -418,17 +424,19 @@ def evaluate():
 
 def check_start(scored):
     """At step 0 the policy IS reference 1: its log-prob sums of this rank's micro-batches ([(pair indices, (B, W))])
-    equal the cache's bit for bit if it was made in the same dtype and quantization. Logs the largest |diff| over all
+    equal the cache's bit for bit if it was made in the same dtype, quantization and compilation. Logs the largest |diff| over all
     ranks; warns unless 0."""
     parts = gather((max([0.0] + [float((x.cpu() - cache["logps"][0, idx]).abs().max()) for idx, x in scored]),
                     sum(len(encoded[i]) for idx, _ in scored for i in idx)))
     diff, n = max(d for d, _ in parts), sum(m for _, m in parts)
     log({"step": 0, "check/ref1_max_abs_diff": diff, "check/sequences": n})
-    same = (ref1["dtype"], ref1["quantization"]) == (args.dtype, quant)
+    same = (ref1["dtype"], ref1["quantization"], ref1.get("compiled", False)) == (args.dtype, quant, args.compile)
     message = f"step-0 check: policy vs cached reference-1 log-probs, max |diff| = {diff:.2e} nats over {n} sequences"
     if diff > (0.0 if same else 0.5):
-        cause = (f"The cache was computed in {ref1['dtype']}/{ref1['quantization']}, the policy runs in "
-                 f"{args.dtype}/{quant}: precompute with the same --dtype and quantization for an exact start." if
+        cause = (f"The cache was computed in {ref1['dtype']}/{ref1['quantization']}"
+                 f"{' compiled' * bool(ref1.get('compiled'))}, the policy runs in {args.dtype}/{quant}"
+                 f"{' compiled' * args.compile}: precompute with the same --dtype, quantization and --compile for an "
+                 f"exact start." if
                  not same else "Same rows, dtype and quantization: the kernels are not deterministic on this device.")
         message = (f"\n{'!' * 100}\nWARNING: {message}: the policy does not start at reference 1, so the DPO/MRPO "
                    f"rewards are biased from the first step. {cause}\n{'!' * 100}")

@@ -114,8 +114,6 @@ def main():
     if args.flash_backward:
         precompute.MATH_BACKWARD = {}
     precompute.SPLIT_TOKENS = args.split_tokens
-    if args.compile:  # the pair-by-pair attention stays eager (a Python loop over the row's spans)
-        precompute.pairwise_attention = torch.compiler.disable(precompute.pairwise_attention)
     for dtype in args.dtypes:
         model, tokenizer = precompute.load_model(args.model, dtype=dtype, device=args.device)
         model.config.use_cache = False
@@ -125,9 +123,8 @@ def main():
         for module in model.modules():  # as train.py: no float32 cast of each LoRA input under bf16 autocast
             if hasattr(module, "cast_input_dtype_enabled"):
                 module.cast_input_dtype_enabled = dtype != "bf16"
-        if args.compile:  # every decoder layer
-            for layer in model.get_base_model().get_decoder().layers:
-                layer.compile(dynamic=True)
+        if args.compile:  # every decoder layer, as the scripts' --compile
+            precompute.compile_layers(model)
         model.train()
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=1e-6)

@@ -133,3 +133,23 @@ def test_start_is_exact_with_smollm2(tmp_path):
     run("train.py", "--data", data, "--refs", cache, "--max-steps", 1, "--batch-size", 8, "--eval-every", 0,
         "--dtype", "bf16", "--out-dir", tmp_path / "run")
     assert start_check(tmp_path / "run")[:2] == (0.0, 16)
+
+
+def test_compiled_scripts_start_exactly(dialogues, tmp_path):
+    """--compile in all three scripts (bf16, rows of 4, a batch of 8): each layer's compiled training graph gives the
+    bits of the compiled no-grad graph that scored reference 1, so the step-0 check reads 0 and the held-out rewards
+    and eval.py's base row are exactly 0. Control: under the probe a compiled layer adds its own offset, so the same
+    pairs scored eager get other log-probs, and an exact start here means both sides ran compiled."""
+    data, _ = dialogues
+    flags = [*CONFIGS["bf16"], "--compile"]
+    cache = precompute_refs(dialogues, tmp_path / "compiled.safetensors", 4, flags)
+    eager = load_file(precompute_refs(dialogues, tmp_path / "eager.safetensors", 4, CONFIGS["bf16"]))
+    assert float((load_file(cache)["chosen_logps"] - eager["chosen_logps"]).abs().max()) > 0.1
+    run("train.py", "--data", data, "--refs", cache, "--max-steps", 1, "--batch-size", 8, "--eval-data", data,
+        "--eval-refs", cache, "--out-dir", tmp_path / "run", *flags)
+    diff, sequences, evaluation = start_check(tmp_path / "run")
+    assert (diff, sequences) == (0.0, 16)
+    assert evaluation["eval_ref1/margins"] == 0.0 and evaluation["eval_ref1/accuracies"] == 0.5
+    run("eval.py", "--data", data, "--refs", cache, "--adapters", "base", "--out", tmp_path / "eval.json", *flags)
+    base = json.load(open(tmp_path / "eval.json"))["policies"]["base"]
+    assert base["ref1/margin"] == 0.0 and base["ref1/accuracy"] == 0.5

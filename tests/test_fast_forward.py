@@ -421,3 +421,29 @@ def _reaches(fn, name, seen=None):
         return False
     seen.add(fn)
     return name in type(fn).__name__ or any(_reaches(f, name, seen) for f, _ in fn.next_functions)
+
+
+def test_compiled_layers_give_the_eager_log_probs_and_lora_gradients(monkeypatch):
+    """precompute.compile_layers (the scripts' --compile) changes how a layer's kernels round, not what they compute:
+    in fp32 the log-probs and LoRA gradients of packed pairs equal the eager ones to rounding, with the 16-bit
+    attention backward forced on (it runs eagerly between the compiled parts of each layer)."""
+    from torch._dynamo.utils import counters
+    monkeypatch.setattr(precompute, "MATH_BACKWARD", {"cpu": (torch.float32,)})
+    model = lora(MODELS["llama"]("sdpa"))
+    pairs = random_pairs(model.config.vocab_size, seed=3)[:4]
+    results = []
+    for compiled in (False, True):
+        if compiled:
+            graphs = counters["stats"]["unique_graphs"]
+            precompute.compile_layers(model)
+        model.zero_grad(set_to_none=True)
+        chosen, rejected = precompute.pair_logps(model, pairs)
+        mrpo.dpo_loss(chosen, rejected, chosen.detach() - 1, rejected.detach(), 0.1)[0].sum().backward()
+        results.append((torch.stack([chosen, rejected]).detach(),
+                        {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
+    assert counters["stats"]["unique_graphs"] > graphs  # the layers did run compiled
+    (eager, eager_grads), (fused, fused_grads) = results
+    torch.testing.assert_close(fused, eager, rtol=1e-5, atol=1e-4)
+    assert max(g.abs().max() for g in eager_grads.values()) > 1e-4
+    for n in eager_grads:
+        torch.testing.assert_close(fused_grads[n], eager_grads[n], rtol=1e-4, atol=1e-6, msg=n)

@@ -2,10 +2,11 @@
 
 When MRPO_SHAPE_PROBE is set to a number s, every linear layer of every model loaded through transformers'
 from_pretrained (the base weights, not the LoRA layers peft adds later) adds to row t of its output, out of M rows
-multiplied at once, the offset s * frac(0.618 M + 0.414 t). Real kernels may round a row differently when the
-number of rows or the row's place in the matrix changes; this probe always does, and by far more than rounding.
-Two computations of a response's log-prob then agree bit for bit only if they gave every linear layer the same
-matrix, which is what the design promises. Python imports this file at start-up when its folder is on PYTHONPATH.
+multiplied at once, the offset s * frac(0.618 M + 0.414 t), plus s inside a layer that torch.compile compiled.
+Real kernels may round a row differently when the number of rows or the row's place in the matrix changes, or when
+inductor fuses them; this probe always does, and by far more than rounding. Two computations of a response's
+log-prob then agree bit for bit only if they gave every linear layer the same matrix, compiled or eager alike,
+which is what the design promises. Python imports this file at start-up when its folder is on PYTHONPATH.
 """
 
 import os
@@ -19,7 +20,7 @@ if os.environ.get("MRPO_SHAPE_PROBE"):
     def _probe(module, inputs, output):
         rows = output.shape[:-1].numel()
         t = torch.arange(rows, device=output.device, dtype=torch.float64)
-        offset = ((0.6180339887 * rows + 0.4142135624 * t) % 1.0) * SCALE  # (M,)
+        offset = ((0.6180339887 * rows + 0.4142135624 * t) % 1.0 + torch.compiler.is_compiling()) * SCALE  # (M,)
         return output + offset.to(output.dtype).view(*output.shape[:-1], 1)
 
     _from_pretrained = transformers.PreTrainedModel.from_pretrained.__func__
