@@ -2,6 +2,7 @@
 
     python bench/bench_precompute.py                                   # default models, bf16 and fp32, train set
     python bench/bench_precompute.py --refs smollm2 --dtypes bf16 --rows 100
+    python bench/bench_precompute.py --compile                         # each decoder layer compiled, as --compile
     python bench/bench_precompute.py --device cuda --refs Qwen/Qwen2.5-7B-Instruct --load-in-4bit --dtypes bf16
 
 It scores the chosen and rejected responses of --rows pairs as precompute.py scores references 2, 3, ... (each
@@ -12,7 +13,8 @@ pairs of a call packed into one row, attention pair by pair, no padding, float32
 prompt twice), the share of those tokens that sharing the prompt saves, and the FLOPs of its forwards (counted as
 bench_trl.py counts a forward) as a fraction of this machine's bf16 matmul peak, measured in the same run; first the
 CPU model and whether it has AMX. It starts as precompute.py does, with precompute.keep_freed_memory()
-(--default-malloc: without it, to see what that saves).
+(--default-malloc: without it, to see what that saves). --compile compiles every decoder layer as the scripts'
+--compile does; the warm-up forward before the timed ones then includes the compilation, and its time is printed.
 """
 
 import argparse
@@ -42,6 +44,7 @@ def main():
     group.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=["bf16", "fp32", "fp16"],
                        help="dtypes to time each model in")
     group.add_argument("--load-in-4bit", action="store_true", help="load in 4 bit (bitsandbytes NF4)")
+    group.add_argument("--compile", action="store_true", help="torch.compile each decoder layer, as --compile")
     group.add_argument("--device", default="cpu", help="torch device")
     group.add_argument("--cache-dir", default=precompute.default_cache_dir(), help="GGUF safetensors cache")
     group = parser.add_argument_group("Scoring")
@@ -72,15 +75,19 @@ def main():
             model, tokenizer = precompute.load_model(spec, dtype, load_in_4bit=args.load_in_4bit, device=args.device,
                                                      cache_dir=args.cache_dir)
             load_s = time.time() - t0
+            if args.compile:
+                precompute.compile_layers(model)
             encoded = precompute.encode_pairs(tokenizer, pairs, args.max_length, args.max_prompt_length)
             batches = precompute.chunks(precompute.length_order(encoded), args.batch_size)
             tokens = sum(len(c.ids) + len(r.ids) for c, r in encoded)  # both sequences, the prompt counted twice
             computed = sum(len(c.ids) + len(r.ids) - precompute.shared_prefix(c, r) for c, r in encoded)
             flops = step_flops(model, encoded)[0] / 2  # a training step is two forwards' worth
-            with torch.inference_mode():  # warm-up: first-call allocations and kernel selection
+            with torch.inference_mode():  # warm-up: first-call allocations and kernel selection (and compilation)
+                t0 = time.time()
                 precompute.pair_logps(model, [encoded[i] for i in batches[0]])
                 if args.device.startswith("cuda"):
                     torch.cuda.synchronize()
+                warmup_s = time.time() - t0
                 t0 = time.time()
                 for b in tqdm(batches, desc=f"{spec} {dtype}", unit="batch", leave=False):
                     precompute.pair_logps(model, [encoded[i] for i in b])
@@ -88,7 +95,8 @@ def main():
                     torch.cuda.synchronize()
                 seconds = time.time() - t0
             shares.append(1 - computed / tokens)
-            print(f"{spec:>14} {dtype:>5}: load {load_s:5.1f}s | {tokens / seconds:7.0f} tokens/s "
+            print(f"{spec:>14} {dtype:>5}{' compiled' * args.compile}: load {load_s:5.1f}s, first forward "
+                  f"{warmup_s:.1f}s | {tokens / seconds:7.0f} tokens/s "
                   f"({tokens} sequence tokens in {seconds:.1f}s, mean length {tokens / (2 * len(encoded)):.0f}) | "
                   f"{computed} tokens computed: shared prompts save {shares[-1]:.1%}, padding 0.0% "
                   f"(pairs packed into rows) | {flops / 1e9:.0f} GFLOP"

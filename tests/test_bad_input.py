@@ -106,6 +106,7 @@ CASES = [  # (script, arguments, words the error must hold)
     ("train.py", TRAIN[:-1] + ["{root}/previous"], ["holds another run", "--resume", "--overwrite"]),
     ("train.py", TRAIN[:-1] + [R], ["overwrite the input"]),
     ("train.py", TRAIN + ["--resume", "--overwrite"], ["choose one"]),
+    ("train.py", TRAIN + ["--compile", "--grad-checkpointing"], ["--compile", "--grad-checkpointing", "drop one"]),
     ("train.py", TRAIN[:-1] + ["/proc/mrpo-run"], ["cannot write"]),
     ("train.py", ["--data", P, "--refs", "{root}/torn.safetensors", "--eval-every", "0"], ["not a readable"]),
     ("train.py", ["--data", P, "--refs", "{root}/nan.safetensors", "--eval-every", "0"], ["reference 2, pair 4"]),
