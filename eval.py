@@ -130,8 +130,9 @@ for path in lora_dirs:
         fail(f"--adapters {path}: its LoRA weights are not all finite, so every number of it would be made up; fix: "
              f"retrain it (train.py stops before saving non-finite weights)")
 model.eval()
-for m in [model, *merged.values()] if args.compile else []:
-    compile_layers(m)
+if args.compile:
+    for m in [model, *merged.values()]:
+        compile_layers(m)
 
 @contextlib.contextmanager
 def policy(path):
@@ -204,7 +205,8 @@ if args.generate:
     with atomic_write(generations_path, "w") as f:
         f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
 
-report = {**{k: getattr(args, k) for k in ("data", "refs", "dtype", "load_in_4bit", "compile", "beta", "alpha", "eps_max", "eps")},
+report = {**{k: getattr(args, k) for k in ("data", "refs", "dtype", "load_in_4bit", "compile", "beta", "alpha",
+                                           "eps_max", "eps")},
           "clip": not args.no_clip, "pairs": N, "model": spec, "policies": results, "references": references,
           "generations": generations_path}
 with atomic_write(args.out, "w") as f:

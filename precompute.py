@@ -663,7 +663,6 @@ def compile_layers(model):
     import torch._inductor.config
     torch._inductor.config.emulate_precision_casts = True
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    use_pairwise_attention(base)
     for layer in base.get_decoder().layers:
         layer.compile(dynamic=True)
 
@@ -825,7 +824,8 @@ def load_cache(path, pairs, data_path=None):
         raise CacheMismatchError(f"{path}: holds {len(cached)} rows but {data_path or 'the data'} has {len(current)} "
                                  f"(made from {meta.get('data')}); fix: {hint}")
     size, kind = int(meta["row_pairs"]), meta.get("kind", "pairs")
-    out = {**{k: v for k, v in tensors.items() if k != "rows"}, "refs": json.loads(meta["refs"]),
+    refs = [{"compiled": False, **r} for r in json.loads(meta["refs"])]  # caches of before --compile ran eager
+    out = {**{k: v for k, v in tensors.items() if k != "rows"}, "refs": refs,
            "rows": chunks(tensors["rows"].tolist(), size), "row_pairs": size, "kind": kind}
     if kind == "pairs":  # a pair is the set (chosen, rejected) of scores (1, 0)
         out.update({n: torch.stack([tensors[f"chosen_{n}"], tensors[f"rejected_{n}"]], -1) for n in ("logps",
@@ -977,7 +977,7 @@ def _scored(args, pairs):
     fields = ("name", "dtype", "quantization", "max_length", "max_prompt_length", "compiled")
     want = [(s, args.dtype, quantization(args.load_in_4bit, args.load_in_8bit), args.max_length,
              args.max_prompt_length, args.compile) for s in args.refs]
-    return bool(old) and [tuple(r.get(f, False) for f in fields) for r in old["refs"]] == want and \
+    return bool(old) and [tuple(r[f] for f in fields) for r in old["refs"]] == want and \
         args.row_pairs in (None, old["row_pairs"])
 
 

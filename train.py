@@ -50,9 +50,9 @@ from tqdm import tqdm
 
 import mrpo
 from precompute import (InputError, atomic_write, autocast, check_flags, check_paths, check_same_format, chunks,
-                        compile_layers, default_cache_dir, encode_pairs, fail, finish_distributed, gather, init_distributed,
-                        load_cache, load_model, load_tokenizer, parse_alpha, quantization, read_data, resolve_device,
-                        response_table)
+                        compile_layers, default_cache_dir, encode_pairs, fail, finish_distributed, gather,
+                        init_distributed, load_cache, load_model, load_tokenizer, parse_alpha, quantization, read_data,
+                        resolve_device, response_table)
 
 # ----------------------------------------------------------------------------------------------------------------
 # Config
@@ -424,17 +424,17 @@ def evaluate():
 
 def check_start(scored):
     """At step 0 the policy IS reference 1: its log-prob sums of this rank's micro-batches ([(pair indices, (B, W))])
-    equal the cache's bit for bit if it was made in the same dtype, quantization and compilation. Logs the largest |diff| over all
-    ranks; warns unless 0."""
+    equal the cache's bit for bit if it was made in the same dtype, quantization and compilation. Logs the largest
+    |diff| over all ranks; warns unless 0."""
     parts = gather((max([0.0] + [float((x.cpu() - cache["logps"][0, idx]).abs().max()) for idx, x in scored]),
                     sum(len(encoded[i]) for idx, _ in scored for i in idx)))
     diff, n = max(d for d, _ in parts), sum(m for _, m in parts)
     log({"step": 0, "check/ref1_max_abs_diff": diff, "check/sequences": n})
-    same = (ref1["dtype"], ref1["quantization"], ref1.get("compiled", False)) == (args.dtype, quant, args.compile)
+    same = (ref1["dtype"], ref1["quantization"], ref1["compiled"]) == (args.dtype, quant, args.compile)
     message = f"step-0 check: policy vs cached reference-1 log-probs, max |diff| = {diff:.2e} nats over {n} sequences"
     if diff > (0.0 if same else 0.5):
         cause = (f"The cache was computed in {ref1['dtype']}/{ref1['quantization']}"
-                 f"{' compiled' * bool(ref1.get('compiled'))}, the policy runs in {args.dtype}/{quant}"
+                 f"{' compiled' * ref1['compiled']}, the policy runs in {args.dtype}/{quant}"
                  f"{' compiled' * args.compile}: precompute with the same --dtype, quantization and --compile for an "
                  f"exact start." if
                  not same else "Same rows, dtype and quantization: the kernels are not deterministic on this device.")
