@@ -7,11 +7,14 @@ Real kernels may round a row differently when the number of rows or the row's pl
 inductor fuses them; this probe always does, and by far more than rounding. Two computations of a response's
 log-prob then agree bit for bit only if they gave every linear layer the same matrix, compiled or eager alike,
 which is what the design promises. Python imports this file at start-up when its folder is on PYTHONPATH.
+A `python -c` process is left alone: inductor's check of the CPU's vector instructions runs one that must not import
+torch, and importing transformers there costs seconds for each of its checks.
 """
 
 import os
+import sys
 
-if os.environ.get("MRPO_SHAPE_PROBE"):
+if os.environ.get("MRPO_SHAPE_PROBE") and sys.argv[0] != "-c":
     import torch
     import transformers
 
