@@ -1,9 +1,10 @@
 """Tests of train.py: a tiny end-to-end run as a subprocess, resume equivalence, learning on an easy slice, the 4-bit
 LoRA gradient check, a NaN stop, and bad input.
 
-The runs use SmolLM2 (reference 1, the policy) and Gemma 3 (reference 2) on a handful of bundled pairs. The reference
-cache is made once with precompute.py's command line and kept under $MRPO_CACHE/test-refs/ (conftest.py's
-reference_cache fixture).
+The runs that learn, load 4 bit or check the cache use SmolLM2 (reference 1, the policy) and Gemma 3 (reference 2) on a
+handful of bundled pairs; their reference cache is made once with precompute.py's command line and kept under
+$MRPO_CACHE/test-refs/ (conftest.py's reference_cache fixture). Resume, the NaN stop and the other mechanics run on two
+tiny random Llamas (conftest.py's tiny_refs), which exercise the same code in a fraction of the time.
 """
 
 import copy
@@ -122,8 +123,8 @@ def test_adapter_loads_with_peft_and_changes_the_policy(easy_run, smollm2, easy)
 # ---------------------------------------------------------------------------------------------------------------
 # Resume: stop after step n, resume to 2n; identical to an uninterrupted 2n run
 
-def test_resume_is_identical_to_an_uninterrupted_run(easy, tmp_path):
-    data, cache = easy
+def test_resume_is_identical_to_an_uninterrupted_run(tiny_refs, tmp_path):
+    data, cache, _ = tiny_refs
     # lora dropout > 0 so that the restored RNG state matters; batch 2 so 4 steps cover two epochs' worth of order
     common = ["--loss", "mrpo", "--lr", "5e-4", "--max-steps", "4", "--batch-size", "2", "--eval-every", "2",
               "--save-every", "100", "--lora-dropout", "0.1"]
@@ -141,8 +142,8 @@ def test_resume_is_identical_to_an_uninterrupted_run(easy, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_resume_refuses_changed_settings(easy, tmp_path):
-    data, cache = easy
+def test_resume_refuses_changed_settings(tiny_refs, tmp_path):
+    data, cache, _ = tiny_refs
     train(data, cache, tmp_path, "--max-steps", "2", "--stop-after", "1", "--eval-every", "0")
     result = train(data, cache, tmp_path, "--max-steps", "2", "--eval-every", "0", "--beta", "0.5", "--resume",
                    check=False)
@@ -153,8 +154,8 @@ def test_resume_refuses_changed_settings(easy, tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 # A non-finite loss stops the run; the last checkpoint stays intact
 
-def test_nan_loss_stops_and_keeps_last_checkpoint(easy, tmp_path):
-    data, cache = easy
+def test_nan_loss_stops_and_keeps_last_checkpoint(tiny_refs, tmp_path):
+    data, cache, _ = tiny_refs
     # An absurd learning rate: the weights overflow after the first update and the second loss is not finite.
     result = train(data, cache, tmp_path, "--loss", "dpo", "--lr", "1e30", "--warmup-steps", "0", "--grad-clip", "0",
                    "--max-steps", "3", "--save-every", "1", "--eval-every", "0", check=False)
