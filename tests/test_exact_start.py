@@ -90,10 +90,10 @@ def test_start_is_exact_for_any_batch_accumulation_and_processes(dialogues, tmp_
     data, _ = dialogues
     cache = precompute_refs(dialogues, tmp_path / "refs.safetensors", 4, flags)
     common = ["--data", data, "--refs", cache, "--max-steps", "1", *flags]
-    run("train.py", *common, "--batch-size", 16, "--grad-accum", 2, "--eval-data", data, "--eval-refs", cache,
-        "--out-dir", tmp_path / "accum")
+    result = run("train.py", *common, "--batch-size", 16, "--grad-accum", 2, "--eval-data", data, "--eval-refs",
+                 cache, "--out-dir", tmp_path / "accum")
     diff, sequences, evaluation = start_check(tmp_path / "accum")
-    assert (diff, sequences) == (0.0, 32)
+    assert (diff, sequences) == (0.0, 32) and "WARNING" not in result.stderr  # same dtype and quantization: no warning
     assert evaluation["eval_ref1/margins"] == 0.0 and evaluation["eval_ref1/accuracies"] == 0.5
     run("train.py", *common, "--batch-size", 16, "--eval-every", 0, "--out-dir", tmp_path / "two", procs=2)
     assert start_check(tmp_path / "two")[:2] == (0.0, 32)  # both ranks' shares

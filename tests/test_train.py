@@ -57,11 +57,11 @@ def records(out_dir):
 
 @pytest.fixture(scope="module")
 def easy_run(easy, tmp_path_factory):
-    """24 MRPO steps of 4 pairs on the easy slice, lr 1e-3 (higher than the paper's, to learn in a few steps)."""
+    """12 MRPO steps of 4 pairs on the easy slice, lr 1e-3 (higher than the paper's, to learn in a few steps)."""
     out = tmp_path_factory.mktemp("easy_run")
     data, cache = easy
-    result = train(data, cache, out, "--loss", "mrpo", "--lr", "1e-3", "--max-steps", "24", "--eval-every", "12",
-                   "--save-every", "12")
+    result = train(data, cache, out, "--loss", "mrpo", "--lr", "1e-3", "--max-steps", "12", "--eval-every", "6",
+                   "--save-every", "6")
     return out, result
 
 
@@ -69,19 +69,19 @@ def test_metrics_use_dpo_trl_names_and_step0_matches_reference1(easy_run, easy):
     out, result = easy_run
     rows = records(out)
     train_rows = [r for r in rows if "loss" in r]
-    assert [r["step"] for r in train_rows] == list(range(1, 25))
+    assert [r["step"] for r in train_rows] == list(range(1, 13))
     for name in ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
                  "logps/chosen", "logps/rejected", "lr", "tokens/s", "step_time"):
         assert all(isinstance(r[name], float) for r in train_rows), name
     evals = [r for r in rows if "eval_loss" in r]
-    assert [r["step"] for r in evals] == [0, 12, 24]
+    assert [r["step"] for r in evals] == [0, 6, 12]
     # At step 0 the policy is reference 1 (same model, fp32): its log-probs equal the cached ones.
     check = next(r for r in rows if "check/ref1_max_abs_diff" in r)
     assert check["check/ref1_max_abs_diff"] < 1e-3
     assert "WARNING" not in result.stderr
     # The held-out loss at step 0 is the loss of the policy = reference 1 against the cache.
     assert abs(evals[0]["eval_logps/chosen"] - float(load_file(easy[1])["chosen_logps"][0].mean())) < 1e-3
-    assert "train.py: mrpo, steps 1-24 of 24" in result.stdout
+    assert "train.py: mrpo, steps 1-12 of 12" in result.stdout
 
 
 def test_loss_decreases_and_accuracy_rises_on_easy_slice(easy_run):
@@ -446,52 +446,8 @@ def test_bf16_4bit_run_keeps_the_trainable_4bit_layout(tiny_refs, tmp_path):
 
 
 def test_load_model_keeps_the_trainable_4bit_layout_in_every_script(tiny_refs):
-    """precompute.py and eval.py score with the layout train.py trains with (see test_policy_starts_exactly_at_reference_1
-    for why: the repacked kernel gives other log-probs)."""
+    """precompute.py and eval.py score with the layout train.py trains with (bitsandbytes' repacked layout computes
+    with another kernel; test_4bit_guard_matters_on_avx512bf16_cpus shows what it does to the LoRA gradients)."""
     model, _ = precompute.load_model(tiny_refs[2][0], load_in_4bit=True)
     flags = [m.support_avx512bf16_for_cpu for m in model.modules() if hasattr(m, "support_avx512bf16_for_cpu")]
     assert len(flags) > 0 and not any(flags)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The policy starts exactly at reference 1 in bf16 and in 4 bit, not only in fp32
-
-@pytest.fixture(scope="module")
-def dialogue_model(tmp_path_factory):
-    """8 real multi-turn dialogue pairs (hh-rlhf-harmless) and a small random Llama (hidden size 64, so that 4-bit
-    quantization applies) saved with SmolLM2's tokenizer."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-    root = tmp_path_factory.mktemp("dialogue")
-    tokenizer = precompute.load_tokenizer("smollm2")
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id)
-    model_dir = str(root / "model")
-    LlamaForCausalLM(config).save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
-    data = str(root / "pairs.jsonl")
-    rows = precompute.read_pairs(os.path.join(ROOT, "data", "hh-rlhf-harmless", "train.jsonl"))[:8]
-    with open(data, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-    return data, model_dir
-
-
-@pytest.mark.parametrize("flags", [["--dtype", "fp32"], ["--dtype", "bf16"], ["--dtype", "bf16", "--load-in-4bit"]],
-                         ids=["fp32", "bf16", "bf16-4bit"])
-def test_policy_starts_exactly_at_reference_1(dialogue_model, tmp_path, flags):
-    """precompute.py and train.py in the same dtype and quantization: the step-0 policy log-probs of all 16 sequences
-    of a batch of 8 pairs (one packed row) equal the cached reference-1 ones (scored in rows of 3 pairs) bit for bit.
-    (Attention over the whole packed row, or peft's fp32 upcast of a 4-bit model, made them differ.)"""
-    data, model_dir = dialogue_model
-    cache = str(tmp_path / "refs.safetensors")
-    subprocess.run([sys.executable, "precompute.py", "--data", data, "--out", cache, "--refs", model_dir,
-                    "--batch-size", "3", *flags], cwd=ROOT, check=True, capture_output=True, text=True)
-    cmd = [sys.executable, "train.py", "--data", data, "--refs", cache, "--out-dir", str(tmp_path / "run"),
-           "--batch-size", "8", "--max-steps", "1", "--eval-every", "0", *flags]
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-3000:]
-    check = [r for r in records(tmp_path / "run") if "check/ref1_max_abs_diff" in r][0]
-    assert check["check/sequences"] == 16 and check["check/ref1_max_abs_diff"] == 0.0
-    assert "WARNING" not in result.stderr
