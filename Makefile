@@ -14,8 +14,9 @@ $(STAMP): requirements.txt requirements-models.txt
 demo: $(STAMP)
 	PY=$(PY) bash demo.sh
 
+# Two workers, each given whole files (so a file's fixtures are made once); the notebook's test goes first.
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
 # Runs every cell in a fresh kernel of the venv's Python (PATH puts .venv/bin first), then replaces the file.
 notebook: $(STAMP)
